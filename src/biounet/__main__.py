@@ -1,0 +1,3 @@
+from biounet.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""Model directories: ``config.json`` (architecture, classes, normalisation, provenance) plus
+``weights.safetensors``. Never a pickle: a model directory from someone else is data, not code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from biounet import __version__
+from biounet.errors import BiounetError
+from biounet.io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    load_tensors,
+    read_model_config,
+    save_tensors,
+    write_json,
+)
+from biounet.model import UNet, UNetConfig
+from biounet.normalize import NormalizeConfig
+
+ARCH_KEYS = (
+    "depth",
+    "base_channels",
+    "in_channels",
+    "num_classes",
+    "padding",
+    "batch_norm",
+    "dropout",
+)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Everything besides the weights that prediction needs to reproduce training."""
+
+    net: UNetConfig
+    class_names: tuple[str, ...]
+    normalization: NormalizeConfig = field(default_factory=NormalizeConfig)
+    training: dict | None = None  # how it was trained: command, data, settings, metrics
+    postprocess: dict | None = None  # what --output instances needs (later issues)
+
+    def __post_init__(self) -> None:
+        if len(self.class_names) != self.net.num_classes:
+            raise BiounetError(
+                f"{len(self.class_names)} class names given for {self.net.num_classes} classes"
+            )
+
+    def to_dict(self) -> dict:
+        return {
+            "format": "biounet-model",
+            "biounet_version": __version__,
+            **self.net.to_dict(),
+            "class_names": list(self.class_names),
+            "normalization": self.normalization.to_dict(),
+            "training": self.training,
+            "postprocess": self.postprocess,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, source: Path | str = "config") -> ModelInfo:
+        missing = [k for k in (*ARCH_KEYS[:5], "class_names") if k not in d]
+        if missing:
+            raise BiounetError(f"{source}: incomplete model config, missing {', '.join(missing)}")
+        try:
+            net = UNetConfig(**{k: d[k] for k in ARCH_KEYS if k in d})
+            norm = NormalizeConfig(**d.get("normalization", {}))
+            return cls(net, tuple(d["class_names"]), norm, d.get("training"), d.get("postprocess"))
+        except (TypeError, BiounetError) as exc:
+            raise BiounetError(f"{source}: invalid model config ({exc})") from None
+
+    def replace(self, **changes) -> ModelInfo:
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+
+def default_class_names(num_classes: int) -> tuple[str, ...]:
+    if num_classes == 2:
+        return ("background", "foreground")
+    return tuple(f"class{k}" for k in range(num_classes))
+
+
+def save_model(folder: Path, model: UNet, info: ModelInfo) -> None:
+    """Write weights then config (the config's presence marks a complete directory)."""
+    folder = Path(folder)
+    save_tensors(folder / WEIGHTS_NAME, model.state_dict(), metadata={"format": "biounet"})
+    write_json(folder / CONFIG_NAME, info.to_dict())
+
+
+def load_info(folder: Path) -> ModelInfo:
+    folder = Path(folder)
+    return ModelInfo.from_dict(read_model_config(folder), folder / CONFIG_NAME)
+
+
+def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[UNet, ModelInfo]:
+    """Build the network from ``config.json`` and load ``weights.safetensors`` into it."""
+    folder = Path(folder)
+    info = load_info(folder)
+    model = UNet(info.net)
+    load_weights(model, folder / WEIGHTS_NAME)
+    return model.to(device), info
+
+
+def load_weights(model: UNet, path: Path) -> None:
+    state = load_tensors(path)
+    expected = model.state_dict()
+    if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
+        raise BiounetError(
+            f"{path}: weights do not match the architecture in {CONFIG_NAME} "
+            "(different depth, width or classes); the model directory is inconsistent"
+        )
+    model.load_state_dict(state)

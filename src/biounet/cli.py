@@ -1,0 +1,344 @@
+"""Command line: maps flags onto the components' configs, draws progress bars, reports errors.
+
+A `BiounetError` becomes one line on stderr and exit code 2; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from biounet import __version__
+from biounet.errors import BiounetError
+
+DATA_ENV = "BIOUNET_DATA"
+log = logging.getLogger("biounet")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except BiounetError as exc:
+        print(f"biounet: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("biounet: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="biounet",
+        description="The U-Net of Ronneberger et al. (2015): train, predict, inspect.",
+    )
+    p.add_argument("--version", action="version", version=f"biounet {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("init", help="create an untrained model directory")
+    q.add_argument("model_dir", type=Path)
+    _arch_flags(q)
+    q.add_argument("--seed", type=int, default=0, help="seed of the He initialisation")
+    q.add_argument("--force", action="store_true", help="overwrite an existing model")
+    q.set_defaults(func=cmd_init)
+
+    q = sub.add_parser("info", help="show a model's configuration, size and valid tiles")
+    q.add_argument("model_dir", type=Path)
+    q.set_defaults(func=cmd_info)
+
+    q = sub.add_parser("train", help="train on folders of images and masks")
+    q.add_argument(
+        "--images",
+        type=Path,
+        required=True,
+        help=f"folder of images (relative paths also tried under ${DATA_ENV})",
+    )
+    q.add_argument(
+        "--masks",
+        type=Path,
+        required=True,
+        help="folder of masks with the same file stems as the images",
+    )
+    q.add_argument("--out", type=Path, required=True, help="model directory to write")
+    q.add_argument(
+        "--val-images", type=Path, help="validation images (default: a held-out block of --images)"
+    )
+    q.add_argument("--val-masks", type=Path)
+    q.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="fraction of files held out (the last ones by name) (default 0.2)",
+    )
+    q.add_argument("--init", type=Path, help="start from this model directory's weights")
+    q.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted training in --out exactly where it stopped",
+    )
+    _arch_flags(q)
+    q.add_argument(
+        "--mask-type",
+        choices=("binary", "instances", "classes"),
+        help="default: detect (<= 2 values binary, more instances)",
+    )
+    q.add_argument(
+        "--foreground",
+        type=int,
+        help="stored value of the foreground in binary masks (default: the larger)",
+    )
+    q.add_argument(
+        "--no-class-balance",
+        action="store_true",
+        help="do not weight pixels by inverse class frequency",
+    )
+    q.add_argument("--steps", type=int, default=2000)
+    q.add_argument("--batch-size", type=int, default=1)
+    q.add_argument("--tile", type=int, default=388, help="output tile side (default 388)")
+    q.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    q.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate (default 0.01 for sgd, 0.001 for adam)",
+    )
+    q.add_argument("--momentum", type=float, default=0.99)
+    q.add_argument("--weight-decay", type=float, default=0.0)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--val-every", type=int, default=200)
+    q.add_argument("--checkpoint-every", type=int, default=200)
+    q.add_argument("--workers", type=int, default=0, help="data loader processes")
+    q.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    q.set_defaults(func=cmd_train)
+
+    q = sub.add_parser("predict", help="segment images with a model")
+    q.add_argument("model_dir", type=Path)
+    q.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    q.add_argument("--out", type=Path, required=True, help="output folder")
+    q.add_argument("--tile", type=int, help="output tile side, snapped down to a valid size")
+    q.add_argument("--batch-size", type=int, default=1, help="tiles per forward pass")
+    q.add_argument(
+        "--output",
+        choices=("mask", "prob"),
+        default="mask",
+        help="mask: uint8 class TIFF; prob: float32 TIFF, one plane per class",
+    )
+    q.add_argument("--overlay", action="store_true", help="also write STEM_overlay.png")
+    q.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    q.set_defaults(func=cmd_predict)
+    return p
+
+
+def _arch_flags(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--depth", type=int, default=4, help="pooling steps (default 4, the paper's)")
+    q.add_argument("--base-channels", type=int, default=64, help="channels at the first level")
+    q.add_argument(
+        "--in-channels",
+        type=int,
+        default=None,
+        help="image channels (init: default 1; train: default from the first image)",
+    )
+    q.add_argument("--classes", type=int, default=2, help="number of output classes")
+    q.add_argument("--class-names", help="comma-separated, e.g. interior,membrane")
+    q.add_argument("--padding", choices=("valid", "same"), default="valid")
+    q.add_argument("--batch-norm", action="store_true")
+    q.add_argument(
+        "--dropout", type=float, default=0.0, help="dropout at the end of the contracting path"
+    )
+    q.add_argument(
+        "--normalize",
+        choices=("percentile", "dtype", "none"),
+        default="percentile",
+        help="intensity normalisation stored in the model (default percentile 1-99.8)",
+    )
+
+
+def _model_info(args: argparse.Namespace, in_channels: int):
+    from biounet.bundle import ModelInfo, default_class_names
+    from biounet.model import UNetConfig
+    from biounet.normalize import NormalizeConfig
+
+    net = UNetConfig(
+        depth=args.depth,
+        base_channels=args.base_channels,
+        in_channels=in_channels,
+        num_classes=args.classes,
+        padding=args.padding,
+        batch_norm=args.batch_norm,
+        dropout=args.dropout,
+    )
+    names = (
+        tuple(n.strip() for n in args.class_names.split(","))
+        if args.class_names
+        else default_class_names(args.classes)
+    )
+    return ModelInfo(net, names, NormalizeConfig(method=args.normalize))
+
+
+def _data_path(path: Path | None) -> Path | None:
+    """A relative path that does not exist here is looked up under $BIOUNET_DATA."""
+    if path is None or path.is_absolute() or path.exists():
+        return path
+    root = os.environ.get(DATA_ENV)
+    if root and (Path(root) / path).exists():
+        return Path(root) / path
+    return path
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    import torch
+
+    from biounet.bundle import save_model
+    from biounet.io import is_model_dir
+    from biounet.model import UNet
+
+    if is_model_dir(args.model_dir) and not args.force:
+        raise BiounetError(f"{args.model_dir}: already holds a model; use --force to overwrite")
+    if args.model_dir.exists() and not args.model_dir.is_dir():
+        raise BiounetError(f"{args.model_dir}: is a file, not a folder; choose another path")
+    info = _model_info(args, args.in_channels or 1)
+    torch.manual_seed(args.seed)
+    model = UNet(info.net)
+    info = info.replace(
+        training={"command": _command_line(args), "note": "untrained (He init)", "seed": args.seed}
+    )
+    save_model(args.model_dir, model, info)
+    print(f"created untrained model in {args.model_dir} ({model.num_parameters():,} parameters)")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from biounet.bundle import load_model
+    from biounet.tiling import min_tile
+
+    model, info = load_model(args.model_dir)
+    net = info.net
+    print(json.dumps(info.to_dict(), indent=2))
+    print(f"parameters: {model.num_parameters():,}")
+    print(f"conv layers: {model.num_conv_layers()}")
+    print(f"margin per side: {net.margin} px")
+    out = min_tile(net)
+    tiles = []
+    while len(tiles) < 6:
+        if net.padding == "same" or net.is_valid_output(out):
+            tiles.append(f"{out + 2 * net.margin}->{out}")
+        out += 1
+    print(f"valid tiles (input->output): {', '.join(tiles)}, ... every {net.size_step} px")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from biounet.data import DataConfig
+    from biounet.io import list_images, read_image
+    from biounet.train import TrainConfig, train_from_folders
+
+    images, masks = _data_path(args.images), _data_path(args.masks)
+    in_channels = args.in_channels
+    if in_channels is None and not args.resume and args.init is None:
+        in_channels = read_image(list_images(images)[0]).shape[0]
+    info = _model_info(args, in_channels or 1)
+    lr = args.lr if args.lr is not None else (0.01 if args.optimizer == "sgd" else 0.001)
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        tile=args.tile,
+        optimizer=args.optimizer,
+        lr=lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        val_every=args.val_every,
+        checkpoint_every=args.checkpoint_every,
+        num_workers=args.workers,
+        precision=args.precision,
+    )
+    data = DataConfig(
+        mask_type=args.mask_type,
+        foreground=args.foreground,
+        class_balance=not args.no_class_balance,
+    )
+    bar = tqdm(total=args.steps, unit="step", dynamic_ncols=True, disable=None)
+
+    def on_step(s) -> None:
+        bar.total = s.steps
+        bar.n = s.step
+        post = {"loss": f"{s.loss:.4f}", "tiles/s": f"{s.tiles_per_s:.2f}"}
+        if s.val:
+            post["val_dice"] = f"{s.val['dice']:.3f}"
+        bar.set_postfix(post, refresh=False)
+        bar.refresh()
+
+    try:
+        state = train_from_folders(
+            images,
+            masks,
+            args.out,
+            info,
+            config,
+            data,
+            val_images=_data_path(args.val_images),
+            val_masks=_data_path(args.val_masks),
+            val_fraction=args.val_fraction,
+            init=args.init,
+            resume=args.resume,
+            callback=on_step,
+            command=_command_line(args),
+        )
+    finally:
+        bar.close()
+    print(f"trained {state.step} steps; model in {args.out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from biounet.predict import PredictConfig, predict_files
+
+    config = PredictConfig(
+        tile=args.tile,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        output=args.output,
+        overlay=args.overlay,
+    )
+    bar = tqdm(unit="tile", dynamic_ncols=True, disable=None, leave=False)
+
+    def on_file(path: Path, i: int, n: int) -> None:
+        bar.set_description(f"{i + 1}/{n} {path.name}")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    inputs = [
+        str(_data_path(Path(i))) if not any(c in i for c in "*?[") else i for i in args.inputs
+    ]
+    try:
+        written = predict_files(
+            args.model_dir, inputs, args.out, config, on_file=on_file, progress=progress
+        )
+    finally:
+        bar.close()
+    n_images = sum(1 for w in written if w.suffix == ".tif")
+    print(f"wrote {n_images} {args.output} file(s) to {args.out}")
+    return 0
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    return "biounet " + " ".join(shlex.quote(a) for a in args.argv)

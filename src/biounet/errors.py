@@ -1,0 +1,9 @@
+"""The one exception type that user-facing problems raise.
+
+The CLI turns a `BiounetError` into a one-line message on stderr and exit code 2; anything
+else is a bug and keeps its traceback.
+"""
+
+
+class BiounetError(Exception):
+    """A problem with the user's input (file, folder, option), with a message that says the fix."""

@@ -1,0 +1,332 @@
+"""Files in and out: images, masks, model directories, atomic writes.
+
+Every problem with a user's file raises `BiounetError` with the file's name and the fix.
+Every output is written to a temporary name in the same folder and renamed, so an
+interrupted or failed run never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from biounet.errors import BiounetError
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+MASK_TYPES = ("binary", "instances", "classes")
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "weights.safetensors"
+
+
+# -- listing ------------------------------------------------------------------------------
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in `folder`, sorted by name."""
+    if not folder.exists():
+        raise BiounetError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise BiounetError(f"{folder}: not a folder")
+    files = sorted(p for p in folder.iterdir() if is_image_file(p))
+    if not files:
+        raise BiounetError(
+            f"{folder}: no images found (expected files ending in {', '.join(IMAGE_SUFFIXES)})"
+        )
+    return files
+
+
+def pair_by_stem(images: list[Path], mask_folder: Path) -> list[tuple[Path, Path]]:
+    """Match each image with the mask of the same file stem in `mask_folder`."""
+    masks = {p.stem: p for p in list_images(mask_folder)}
+    pairs = []
+    for image in images:
+        if image.stem not in masks:
+            raise BiounetError(
+                f"{image}: no mask named {image.stem}.* in {mask_folder}; "
+                "masks must have the same file stem as their image"
+            )
+        pairs.append((image, masks[image.stem]))
+    return pairs
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+def read_array(path: Path) -> np.ndarray:
+    """Read an image file as stored (TIFF via tifffile, other formats via imageio)."""
+    path = Path(path)
+    if not path.exists():
+        raise BiounetError(f"{path}: no such file")
+    if not path.is_file():
+        raise BiounetError(f"{path}: not a file")
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            return tifffile.imread(path)
+        import imageio.v3 as iio
+
+        # From bytes: imageio leaves the file open when decoding fails.
+        return iio.imread(path.read_bytes(), extension=path.suffix.lower())
+    except Exception as exc:  # every reader fails differently; the user needs the file name
+        raise BiounetError(
+            f"{path}: cannot be read as an image ({exc.__class__.__name__}: "
+            f"{str(exc)[:120]}); is the file complete and an image?"
+        ) from None
+
+
+def _squeeze(arr: np.ndarray) -> np.ndarray:
+    """Drop singleton axes beyond the two image axes (e.g. (1, H, W) or (H, W, 1) -> (H, W))."""
+    while arr.ndim > 2 and arr.shape[0] == 1:
+        arr = arr[0]
+    while arr.ndim > 2 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    return arr
+
+
+def read_image(path: Path, in_channels: int | None = None) -> np.ndarray:
+    """Read an image as channels-first ``(C, H, W)``.
+
+    2-D files are gray (C=1). 3-D files are channels-last when the last axis has <= 4
+    entries (RGB, RGBA PNG), channels-first when the first has <= 4 (TIFF); anything else is a
+    stack and refused.
+
+    Raises
+    ------
+    BiounetError
+        Unreadable file, a 3-D stack, non-finite values, or a channel count that differs from
+        `in_channels`.
+    """
+    arr = _squeeze(read_array(path))
+    if arr.ndim == 2:
+        arr = arr[None]
+    elif arr.ndim == 3 and arr.shape[-1] <= 4 and arr.shape[0] > 4:
+        arr = np.moveaxis(arr, -1, 0)
+    elif not (arr.ndim == 3 and arr.shape[0] <= 4):
+        raise BiounetError(
+            f"{path}: has shape {arr.shape}, which looks like a 3-D stack; biounet segments "
+            "2-D images (gray or up to 4 channels): save each plane as its own file"
+        )
+    if arr.dtype.kind not in "uifb":
+        raise BiounetError(f"{path}: unsupported pixel type {arr.dtype}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise BiounetError(f"{path}: contains NaN or infinite values; replace them before use")
+    if in_channels is not None and arr.shape[0] != in_channels:
+        raise BiounetError(
+            f"{path}: has {arr.shape[0]} channel(s) but the model expects {in_channels}"
+        )
+    return arr
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Read a 2-D mask as stored (binary, class indices or instance labels)."""
+    arr = _squeeze(read_array(path))
+    # An RGB(A) PNG of a gray mask: all colour channels equal.
+    if (
+        arr.ndim == 3
+        and arr.shape[-1] in (3, 4)
+        and all(np.array_equal(arr[..., 0], arr[..., c]) for c in range(1, 3))
+    ):
+        arr = arr[..., 0]
+    if arr.ndim != 2:
+        raise BiounetError(f"{path}: a mask must be a 2-D image, got shape {arr.shape}")
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise BiounetError(f"{path}: mask contains NaN or infinite values")
+        if not np.array_equal(arr, np.round(arr)):
+            raise BiounetError(f"{path}: mask has fractional values; masks hold integer labels")
+        arr = arr.astype(np.int64)
+    elif arr.dtype.kind not in "uib":
+        raise BiounetError(f"{path}: unsupported mask pixel type {arr.dtype}")
+    return arr
+
+
+def mask_to_classes(
+    mask: np.ndarray,
+    path: Path,
+    mask_type: str | None,
+    num_classes: int,
+    foreground: int | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Turn a stored mask into class indices (and instance labels where it has them).
+
+    Parameters
+    ----------
+    mask : ndarray, shape (H, W), integer
+    path : Path
+        For error messages.
+    mask_type : {"binary", "instances", "classes"} or None
+        None detects: at most two values -> "binary", more -> "instances".
+        "binary": any two values; `foreground` (default: the larger value) is class 1.
+        "instances": 0 = background, 1..N one object each; class 1 = any object.
+        "classes": values are class indices 0..num_classes-1.
+    num_classes : int
+    foreground : int, optional
+        Stored value of the foreground in a binary mask.
+
+    Returns
+    -------
+    classes : ndarray of int64, shape (H, W)
+    instances : ndarray of int32, shape (H, W), or None for binary/class masks
+    mask_type : str
+        The type used (after detection).
+    """
+    values = np.unique(mask)
+    if mask_type is None:
+        mask_type = "binary" if len(values) <= 2 else "instances"
+    if mask_type not in MASK_TYPES:
+        raise BiounetError(f"mask type must be one of {MASK_TYPES}, not {mask_type!r}")
+    if mask_type == "binary":
+        if len(values) > 2:
+            raise BiounetError(
+                f"{path}: a binary mask has at most two values, found {len(values)} "
+                f"({_preview(values)}); use --mask-type instances or classes"
+            )
+        if foreground is None:
+            fg = values.max() if len(values) == 2 or values.max() != 0 else None
+        else:
+            fg = foreground
+        classes = (
+            (mask == fg).astype(np.int64) if fg is not None else np.zeros(mask.shape, np.int64)
+        )
+        return classes, None, mask_type
+    if mask_type == "instances":
+        if num_classes != 2:
+            raise BiounetError(
+                f"{path}: instance masks train 2-class models (background, object); "
+                f"the model has {num_classes} classes"
+            )
+        if values.min() < 0:
+            raise BiounetError(f"{path}: instance labels must be >= 0")
+        return (mask > 0).astype(np.int64), mask.astype(np.int32), mask_type
+    if values.min() < 0 or values.max() >= num_classes:
+        raise BiounetError(
+            f"{path}: mask values {_preview(values)} are not all class indices "
+            f"0..{num_classes - 1}; the model has {num_classes} classes"
+        )
+    return mask.astype(np.int64), None, mask_type
+
+
+def _preview(values: np.ndarray) -> str:
+    shown = ", ".join(str(v) for v in values[:6])
+    return shown + (", ..." if len(values) > 6 else "")
+
+
+# -- writing ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds."""
+    path = Path(path)
+    ensure_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=".part" + path.suffix, dir=path.parent
+    )
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def ensure_dir(folder: Path) -> Path:
+    """Create `folder` (and parents), or explain why it cannot be."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise BiounetError(
+            f"{folder}: cannot create this folder because a file is in the way; "
+            "choose another output path"
+        ) from None
+    except OSError as exc:
+        raise BiounetError(f"{folder}: cannot create this folder ({exc.strerror})") from None
+    return folder
+
+
+def write_tiff(path: Path, data: np.ndarray) -> None:
+    """Write `data` as a TIFF (planes first for 3-D data), atomically."""
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, data, photometric="minisblack", compression="zlib")
+
+
+def write_png(path: Path, data: np.ndarray) -> None:
+    """Write an 8-bit gray or RGB(A) image as PNG, atomically."""
+    import imageio.v3 as iio
+
+    with atomic_path(path) as tmp:
+        iio.imwrite(tmp, data, extension=".png")
+
+
+def write_json(path: Path, obj: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise BiounetError(f"{path}: no such file")
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BiounetError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise BiounetError(f"{path}: expected a JSON object")
+    return obj
+
+
+# -- tensors (safetensors: no pickles from users, ever) ----------------------------------
+
+
+def save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata=metadata)
+
+
+def load_tensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise BiounetError(f"{path}: no such file; the model directory is incomplete")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BiounetError(
+            f"{path}: corrupt weights file ({str(exc)[:100]}); re-save or re-download the model"
+        ) from None
+
+
+# -- model directories -------------------------------------------------------------------
+
+
+def is_model_dir(folder: Path) -> bool:
+    return (Path(folder) / CONFIG_NAME).is_file()
+
+
+def read_model_config(folder: Path) -> dict:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BiounetError(f"{folder}: no such model directory")
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise BiounetError(
+            f"{folder}: not a biounet model directory (no {CONFIG_NAME}); "
+            "create one with 'biounet init' or 'biounet train'"
+        )
+    return read_json(config_path)

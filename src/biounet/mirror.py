@@ -1,0 +1,56 @@
+"""Mirror extrapolation of image windows, the paper's way of supplying missing border context.
+
+A window may reach any distance beyond the image: indices are reflected about the first and
+last pixel (``numpy.pad(mode="reflect")`` semantics, edge pixel not repeated) and repeat with
+period ``2 * (n - 1)``. Written by hand because `numpy.pad` builds the whole padded image,
+while overlap-tile prediction and training need one window at a time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def mirror_indices(start: int, stop: int, n: int) -> np.ndarray:
+    """Source indices in ``[0, n)`` for positions ``start..stop-1`` of a mirrored axis.
+
+    Parameters
+    ----------
+    start, stop : int
+        Window bounds on the infinite mirrored axis (may be negative or >= n).
+    n : int
+        Length of the real axis, >= 1.
+
+    Returns
+    -------
+    ndarray of int64, shape (stop - start,)
+    """
+    idx = np.arange(start, stop, dtype=np.int64)
+    if n == 1:
+        return np.zeros_like(idx)
+    period = 2 * (n - 1)
+    idx = np.mod(idx, period)
+    return np.where(idx >= n, period - idx, idx)
+
+
+def mirror_crop(image: np.ndarray, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+    """Window ``[y0, y0+h) x [x0, x0+w)`` of the last two axes of `image`, mirrored outside.
+
+    Parameters
+    ----------
+    image : ndarray, shape (..., H, W)
+    y0, x0 : int
+        Top-left corner of the window; may lie outside the image.
+    h, w : int
+        Window size; may exceed the image.
+
+    Returns
+    -------
+    ndarray, shape (..., h, w), same dtype as `image`
+    """
+    height, width = image.shape[-2:]
+    if y0 >= 0 and y0 + h <= height and x0 >= 0 and x0 + w <= width:
+        return np.array(image[..., y0 : y0 + h, x0 : x0 + w])
+    rows = mirror_indices(y0, y0 + h, height)
+    cols = mirror_indices(x0, x0 + w, width)
+    return np.take(np.take(image, rows, axis=-2), cols, axis=-1)

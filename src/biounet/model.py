@@ -1,0 +1,245 @@
+"""The U-Net of Ronneberger, Fischer and Brox (2015) and its size arithmetic.
+
+With ``padding="valid"`` (the paper's) every 3x3 convolution loses one pixel per side, so the
+output is smaller than the input: 572x572 in, 388x388 out for the paper's depth 4, and only
+some input sizes are valid (each max-pool must see an even size). `UNetConfig` answers those
+questions (`output_size`, `input_size`, `margin`, `valid_output_sizes`) without building a
+network. ``padding="same"`` keeps the size; inputs must then be a multiple of ``2**depth``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from biounet.errors import BiounetError
+
+PADDINGS = ("valid", "same")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of a U-Net.
+
+    Parameters
+    ----------
+    depth : int
+        Number of 2x2 max-pool steps (4 in the paper: five resolution levels).
+    base_channels : int
+        Feature channels at the first level (64 in the paper); doubled at each level down.
+    in_channels : int
+        Channels of the input image.
+    num_classes : int
+        Output channels of the final 1x1 convolution (K in the paper's softmax).
+    padding : {"valid", "same"}
+        "valid" is the paper's unpadded convolution; "same" zero-pads each 3x3 convolution.
+    batch_norm : bool
+        Batch normalisation after each 3x3 convolution (not in the paper).
+    dropout : float
+        Dropout probability at the end of the contracting path (the paper uses dropout there).
+    """
+
+    depth: int = 4
+    base_channels: int = 64
+    in_channels: int = 1
+    num_classes: int = 2
+    padding: str = "valid"
+    batch_norm: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.padding not in PADDINGS:
+            raise BiounetError(f"padding must be one of {PADDINGS}, not {self.padding!r}")
+        for name in ("depth", "base_channels", "in_channels", "num_classes"):
+            value = getattr(self, name)
+            low = 0 if name == "depth" else 1
+            if not isinstance(value, int) or value < low:
+                raise BiounetError(f"{name} must be an integer >= {low}, not {value!r}")
+        if self.num_classes < 2:
+            raise BiounetError("num_classes must be >= 2 (softmax over classes)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise BiounetError(f"dropout must be in [0, 1), not {self.dropout}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    # -- size arithmetic -------------------------------------------------------------------
+    @property
+    def conv_loss(self) -> int:
+        """Pixels one 3x3 convolution removes from a side length (2 valid, 0 same)."""
+        return 2 if self.padding == "valid" else 0
+
+    @property
+    def receptive_radius(self) -> int:
+        """Pixels on each side that influence an output pixel (92 at depth 4).
+
+        Input n = 2**d * b + 2**(d+3) - 4 and output 2**d * b - 4 * (2**d - 1) for the valid
+        network, b the bottom size; their difference is 12 * 2**d - 8, over two sides.
+        """
+        return 6 * 2**self.depth - 4
+
+    @property
+    def margin(self) -> int:
+        """Pixels lost on each side between input and output (92 valid at depth 4, 0 same)."""
+        return self.receptive_radius if self.padding == "valid" else 0
+
+    @property
+    def size_step(self) -> int:
+        """Spacing of consecutive valid sizes, and the shift-equivariance period."""
+        return 2**self.depth
+
+    def output_size(self, n: int) -> int:
+        """Output side length for an input side length `n`.
+
+        Raises `BiounetError` naming the nearest valid sizes when `n` is not a valid input.
+        """
+        out = self._output(n)
+        if out is None:
+            lower = next((m for m in range(n - 1, 0, -1) if self._output(m)), None)
+            upper = next(m for m in range(max(n + 1, 1), 2**31) if self._output(m))
+            hint = f"{lower} or {upper}" if lower else f"{upper}"
+            raise BiounetError(
+                f"input size {n} is not valid for a depth-{self.depth} {self.padding} U-Net; "
+                f"use {hint}"
+            )
+        return out
+
+    def _output(self, n: int) -> int | None:
+        """Output side length for input `n`, or None when some layer would see a bad size."""
+        size = n
+        for _ in range(self.depth):
+            size -= 2 * self.conv_loss
+            if size <= 0 or size % 2:
+                return None
+            size //= 2
+        size -= 2 * self.conv_loss
+        for _ in range(self.depth):
+            if size <= 0:
+                return None
+            size = 2 * size - 2 * self.conv_loss
+        return size if size > 0 else None
+
+    def is_valid_output(self, out: int) -> bool:
+        return out > 0 and self._output(out + 2 * self.margin) == out
+
+    def input_size(self, out: int) -> int:
+        """Input side length that produces output side length `out` (which must be valid)."""
+        if not self.is_valid_output(out):
+            lower, upper = self.snap_output(out, up=False), self.snap_output(out, up=True)
+            hint = f"{lower} or {upper}" if lower else f"{upper}"
+            raise BiounetError(
+                f"output size {out} is not valid for a depth-{self.depth} {self.padding} U-Net; "
+                f"use {hint}"
+            )
+        return out + 2 * self.margin
+
+    def min_output_size(self) -> int:
+        """Smallest valid output side length."""
+        return self.snap_output(1, up=True)
+
+    def snap_output(self, out: int, up: bool) -> int | None:
+        """Nearest valid output size <= `out` (``up=False``, None if there is none) or >= `out`."""
+        if up:
+            return next(o for o in range(max(out, 1), 2**31) if self.is_valid_output(o))
+        return next((o for o in range(out, 0, -1) if self.is_valid_output(o)), None)
+
+
+# -- building blocks (named like the paper's diagram) -------------------------------------
+
+
+class DoubleConv(nn.Sequential):
+    """Two 3x3 convolutions, each followed by (batch norm and) ReLU."""
+
+    def __init__(self, cin: int, cout: int, padding: str, batch_norm: bool) -> None:
+        pad = 1 if padding == "same" else 0
+        layers: list[nn.Module] = []
+        for c in (cin, cout):
+            layers.append(nn.Conv2d(c, cout, 3, padding=pad, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(cout))
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+
+
+class Down(nn.Sequential):
+    """2x2 max-pool with stride 2, then a double convolution with twice the channels."""
+
+    def __init__(self, cin: int, cout: int, padding: str, batch_norm: bool) -> None:
+        super().__init__(nn.MaxPool2d(2), DoubleConv(cin, cout, padding, batch_norm))
+
+
+class Up(nn.Module):
+    """2x2 up-convolution halving the channels, crop-and-concatenate the skip, double conv."""
+
+    def __init__(self, cin: int, cout: int, padding: str, batch_norm: bool) -> None:
+        super().__init__()
+        self.upconv = nn.ConvTranspose2d(cin, cout, 2, stride=2)
+        self.conv = DoubleConv(2 * cout, cout, padding, batch_norm)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.upconv(x)
+        return self.conv(torch.cat([center_crop(skip, x.shape[-2:]), x], dim=1))
+
+
+def center_crop(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Crop the last two dimensions of `x` to `size`, centred (the paper's skip cropping)."""
+    dy = (x.shape[-2] - size[0]) // 2
+    dx = (x.shape[-1] - size[1]) // 2
+    return x[..., dy : dy + size[0], dx : dx + size[1]]
+
+
+class UNet(nn.Module):
+    """The U-Net: a contracting path, a bottleneck and an expanding path with skips.
+
+    Input ``(N, in_channels, H, W)`` float; output ``(N, num_classes, H', W')`` logits, with
+    ``H' = config.output_size(H)`` (H - 184 for the paper's depth 4 valid network).
+    """
+
+    def __init__(self, config: UNetConfig | None = None, **kwargs) -> None:
+        super().__init__()
+        self.config = config = config or UNetConfig(**kwargs)
+        c, p, bn = config.base_channels, config.padding, config.batch_norm
+        widths = [c * 2**level for level in range(config.depth + 1)]
+        self.inc = DoubleConv(config.in_channels, widths[0], p, bn)
+        self.downs = nn.ModuleList(
+            Down(widths[i], widths[i + 1], p, bn) for i in range(config.depth)
+        )
+        self.dropout = nn.Dropout2d(config.dropout) if config.dropout else nn.Identity()
+        self.ups = nn.ModuleList(
+            Up(widths[i + 1], widths[i], p, bn) for i in reversed(range(config.depth))
+        )
+        self.head = nn.Conv2d(widths[0], config.num_classes, 1)
+        self.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = [self.inc(x)]
+        for down in self.downs:
+            skips.append(down(skips[-1]))
+        x = self.dropout(skips.pop())
+        for up in self.ups:
+            x = up(x, skips.pop())
+        return self.head(x)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """He initialisation as in the paper: normal with std sqrt(2 / N), N = fan-in."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+                fan_in = m.weight.shape[1] * m.weight.shape[2] * m.weight.shape[3]
+                if isinstance(m, nn.ConvTranspose2d):
+                    # Each output pixel of a stride-2 2x2 up-convolution sees one input pixel
+                    # per input channel, so its fan-in is the number of input channels.
+                    fan_in = m.weight.shape[0]
+                with torch.no_grad():
+                    m.weight.normal_(0.0, math.sqrt(2.0 / fan_in), generator=generator)
+                    if m.bias is not None:
+                        m.bias.zero_()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def num_conv_layers(self) -> int:
+        """Convolutions, up-convolutions included (the paper counts 23 at depth 4)."""
+        return sum(isinstance(m, nn.Conv2d | nn.ConvTranspose2d) for m in self.modules())

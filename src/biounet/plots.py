@@ -1,0 +1,62 @@
+"""Pictures: training curves and segmentation overlays (figures and RGB arrays; no files)."""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def training_curves(history: list[dict]) -> Figure:
+    """Training loss (and validation loss, Dice) against step.
+
+    Parameters
+    ----------
+    history : list of dict
+        Rows with "step", "loss" and optionally "val_loss", "val_dice".
+    """
+    fig = Figure(figsize=(8, 3.2))
+    FigureCanvasAgg(fig)
+    ax_loss, ax_dice = fig.subplots(1, 2)
+    steps = [r["step"] for r in history]
+    ax_loss.plot(steps, [r["loss"] for r in history], label="train")
+    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    if val:
+        ax_loss.plot(*zip(*val, strict=True), "o-", label="validation")
+    ax_loss.set(xlabel="step", ylabel="weighted cross-entropy", yscale="log")
+    ax_loss.legend()
+    dice = [(r["step"], r["val_dice"]) for r in history if "val_dice" in r]
+    if dice:
+        ax_dice.plot(*zip(*dice, strict=True), "o-", color="C1")
+    ax_dice.set(xlabel="step", ylabel="validation mean Dice", ylim=(0, 1))
+    fig.tight_layout()
+    return fig
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Gray display image from a (C, H, W) or (H, W) normalised image (first channel)."""
+    gray = image[0] if image.ndim == 3 else image
+    return (np.clip(gray, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, classes: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Blend class colours (class 0 left clear) over a gray image.
+
+    Parameters
+    ----------
+    image : ndarray, shape (H, W), uint8
+    classes : ndarray, shape (H, W), integer class indices
+
+    Returns
+    -------
+    ndarray of uint8, shape (H, W, 3)
+    """
+    palette = np.array(
+        [[0, 0, 0], [255, 40, 40], [40, 200, 255], [255, 210, 0], [80, 255, 80], [220, 80, 255]],
+        np.float32,
+    )
+    rgb = np.repeat(image[..., None].astype(np.float32), 3, axis=-1)
+    fg = classes > 0
+    colours = palette[np.minimum(classes, len(palette) - 1)]
+    rgb[fg] = (1 - alpha) * rgb[fg] + alpha * colours[fg]
+    return rgb.round().astype(np.uint8)

@@ -1,0 +1,477 @@
+"""Training: a visible loop over random tiles, with validation, checkpoints and exact resume.
+
+Model directory layout written here::
+
+    MODEL_DIR/config.json            architecture, classes, normalisation, how it was trained
+    MODEL_DIR/weights.safetensors    best weights by validation loss (latest without validation)
+    MODEL_DIR/training.csv           one row per logged step
+    MODEL_DIR/curves.png             loss curves
+    MODEL_DIR/checkpoints/last/      weights, optimizer state (safetensors) and state.json
+
+Resuming is exact on CPU because every random draw is a function of (seed, step): tiles come
+from `TileDataset` by index, and dropout's torch generator is re-seeded each step.
+Only rank 0 writes files or reports progress, so a torchrun/DDP launch can wrap `fit` as is.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from biounet.bundle import ModelInfo, load_model, load_weights, save_model
+from biounet.data import (
+    DataConfig,
+    Sample,
+    TileDataset,
+    load_sample,
+    split_validation,
+    tile_geometry,
+)
+from biounet.errors import BiounetError
+from biounet.io import (
+    atomic_path,
+    ensure_dir,
+    is_model_dir,
+    list_images,
+    load_tensors,
+    pair_by_stem,
+    read_json,
+    save_tensors,
+    write_json,
+)
+from biounet.losses import weighted_cross_entropy
+from biounet.model import UNet
+from biounet.plots import training_curves
+from biounet.precision import autocast, memory_format, resolve_precision
+from biounet.tiling import model_forward, plan_tiles, predict_tiled
+
+log = logging.getLogger(__name__)
+CSV_FIELDS = (
+    "step",
+    "loss",
+    "lr",
+    "tiles_per_s",
+    "elapsed_s",
+    "val_loss",
+    "val_accuracy",
+    "val_dice",
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings. Defaults follow the paper: SGD, momentum 0.99, large tiles."""
+
+    steps: int = 2000
+    batch_size: int = 1
+    tile: int = 388  # output tile side, snapped down to a valid size
+    optimizer: str = "sgd"  # "sgd" or "adam"
+    lr: float = 0.01
+    momentum: float = 0.99
+    weight_decay: float = 0.0
+    seed: int = 0
+    val_every: int = 200
+    checkpoint_every: int = 200
+    log_every: int = 10
+    num_workers: int = 0
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adam"):
+            raise BiounetError(f"optimizer must be sgd or adam, not {self.optimizer!r}")
+        for name in ("steps", "batch_size", "val_every", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise BiounetError(f"{name} must be >= 1")
+        if not self.lr > 0:
+            raise BiounetError("learning rate must be > 0")
+
+
+@dataclass
+class StepInfo:
+    """Progress report passed to the callback after every step."""
+
+    step: int
+    steps: int
+    loss: float
+    tiles_per_s: float
+    val: dict | None = None
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    best_val_loss: float = math.inf
+    elapsed_s: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+
+Callback = Callable[[StepInfo], bool | None]
+
+
+def make_optimizer(model: UNet, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
+    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def fit(
+    out_dir: Path,
+    model: UNet,
+    info: ModelInfo,
+    train_samples: list[Sample],
+    val_samples: list[Sample],
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    callback: Callback | None = None,
+    device: torch.device | None = None,
+    rank: int = 0,
+) -> TrainState:
+    """Train `model` in place and keep `out_dir` a usable model directory throughout.
+
+    Parameters
+    ----------
+    out_dir : Path
+        Model directory to write (created if needed).
+    model : UNet
+        Initialised network (fresh, from a model directory, or to be overwritten by resume).
+    info : ModelInfo
+        Written to ``config.json`` with the weights.
+    train_samples, val_samples : list of Sample
+    config : TrainConfig
+    resume : bool
+        Continue from ``out_dir/checkpoints/last`` (weights, optimizer, step).
+    callback : callable(StepInfo) -> bool or None, optional
+        Called after each step; returning False stops after saving a checkpoint.
+    device : torch.device, optional
+    rank : int
+        Process rank; only rank 0 writes files and calls `callback`.
+
+    Returns
+    -------
+    TrainState
+    """
+    device = device or torch.device("cpu")
+    is_main = rank == 0
+    precision = resolve_precision(config.precision, device)
+    fmt = memory_format(precision)
+    model.to(device).to(memory_format=fmt)
+    optimizer = make_optimizer(model, config)
+    state = TrainState()
+    if resume:
+        state = load_checkpoint(out_dir, model, optimizer)
+        log.info("resumed from step %d", state.step)
+    elif is_main:
+        ensure_dir(out_dir)
+        _truncate_csv(out_dir / "training.csv", 0)
+
+    geometry = tile_geometry(info.net, config.tile)
+    dataset = TileDataset(train_samples, geometry, config.seed, config.steps * config.batch_size)
+    batches = [
+        list(range(s * config.batch_size, (s + 1) * config.batch_size))
+        for s in range(state.step, config.steps)
+    ]
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=config.num_workers,
+        persistent_workers=False,
+    )
+    model.train()
+    running: list[float] = []
+    tiles_seen, t_window = 0, time.perf_counter()
+    t_start = time.perf_counter() - state.elapsed_s
+    step = state.step
+    try:
+        for image, target, weight in loader:
+            t_step = time.perf_counter()
+            step += 1
+            torch.manual_seed(config.seed * 1_000_003 + step)  # dropout draws, reproducible
+            image = image.to(device).to(memory_format=fmt)
+            target, weight = target.to(device), weight.to(device)
+            with autocast(precision, device):
+                logits = model(image)
+            loss = weighted_cross_entropy(logits, target, weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running.append(loss.item())
+            tiles_seen += image.shape[0]
+
+            val = None
+            if val_samples and (step % config.val_every == 0 or step == config.steps):
+                val = validate(model, val_samples, info, precision, device)
+                model.train()
+            if is_main and (
+                step % config.log_every == 0 or val is not None or step == config.steps
+            ):
+                now = time.perf_counter()
+                row = {
+                    "step": step,
+                    "loss": float(np.mean(running)),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "tiles_per_s": tiles_seen / max(now - t_window, 1e-9),
+                    "elapsed_s": now - t_start,
+                }
+                row.update({f"val_{k}": v for k, v in (val or {}).items()})
+                _append_csv(out_dir / "training.csv", row)
+                state.history.append(row)
+                running.clear()
+                tiles_seen, t_window = 0, now
+                log.info("step %d loss %.4f", step, row["loss"])
+            if val is not None and val["loss"] < state.best_val_loss:
+                state.best_val_loss = val["loss"]
+                if is_main:
+                    save_model(out_dir, model, info)
+            state.step = step
+            state.elapsed_s = time.perf_counter() - t_start
+            if is_main and (step % config.checkpoint_every == 0 or step == config.steps):
+                _save_all(out_dir, model, optimizer, info, state, config, bool(val_samples))
+            keep_going = True
+            if is_main and callback is not None:
+                speed = image.shape[0] / max(time.perf_counter() - t_step, 1e-9)
+                keep_going = (
+                    callback(StepInfo(step, config.steps, loss.item(), speed, val)) is not False
+                )
+            if not keep_going:
+                _save_all(out_dir, model, optimizer, info, state, config, bool(val_samples))
+                break
+    except KeyboardInterrupt:
+        if is_main and state.step > 0:
+            _save_all(out_dir, model, optimizer, info, state, config, bool(val_samples))
+        raise
+    return state
+
+
+def _save_all(
+    out_dir: Path,
+    model: UNet,
+    optimizer: torch.optim.Optimizer,
+    info: ModelInfo,
+    state: TrainState,
+    config: TrainConfig,
+    has_val: bool,
+) -> None:
+    save_checkpoint(out_dir, model, optimizer, state, config)
+    if not has_val or not math.isfinite(state.best_val_loss):
+        save_model(out_dir, model, info)
+    history = _read_csv(out_dir / "training.csv")
+    if history:
+        with atomic_path(out_dir / "curves.png") as tmp:
+            training_curves(history).savefig(tmp, format="png", dpi=100)
+
+
+@torch.no_grad()
+def validate(
+    model: UNet, samples: list[Sample], info: ModelInfo, precision: str, device: torch.device
+) -> dict:
+    """Whole-image validation with overlap-tile prediction: loss, pixel accuracy, mean Dice."""
+    forward = model_forward(model, precision, device)
+    losses, correct, total = [], 0, 0
+    inter = np.zeros(info.net.num_classes)
+    sums = np.zeros(info.net.num_classes)
+    for s in samples:
+        plan = plan_tiles(info.net, s.classes.shape)
+        logits = predict_tiled(forward, s.image, plan, info.net.num_classes)
+        t_logits = torch.from_numpy(logits)[None]
+        losses.append(
+            float(
+                weighted_cross_entropy(
+                    t_logits, torch.from_numpy(s.classes)[None], torch.from_numpy(s.weights)[None]
+                )
+            )
+        )
+        pred = logits.argmax(0)
+        correct += int((pred == s.classes).sum())
+        total += s.classes.size
+        for k in range(info.net.num_classes):
+            inter[k] += np.sum((pred == k) & (s.classes == k))
+            sums[k] += np.sum(pred == k) + np.sum(s.classes == k)
+    present = sums > 0
+    dice = float(np.mean(2 * inter[present] / sums[present]))
+    return {"loss": float(np.mean(losses)), "accuracy": correct / total, "dice": dice}
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    out_dir: Path,
+    model: UNet,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    config: TrainConfig,
+) -> None:
+    """Weights and optimizer state as safetensors, the rest as JSON; state.json written last."""
+    folder = ensure_dir(out_dir / "checkpoints" / "last")
+    save_tensors(folder / "model.safetensors", model.state_dict())
+    tensors, scalars = {}, {}
+    opt_state = optimizer.state_dict()
+    for idx, entries in opt_state["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    save_tensors(folder / "optimizer.safetensors", tensors)
+    write_json(
+        folder / "state.json",
+        {
+            "step": state.step,
+            "best_val_loss": _finite_or_none(state.best_val_loss),
+            "elapsed_s": state.elapsed_s,
+            "train_config": asdict(config),
+            "optimizer": {"param_groups": opt_state["param_groups"], "scalars": scalars},
+        },
+    )
+
+
+def read_checkpoint_config(out_dir: Path) -> dict:
+    path = out_dir / "checkpoints" / "last" / "state.json"
+    if not path.is_file():
+        raise BiounetError(f"{out_dir}: no checkpoint to resume from (missing {path})")
+    return read_json(path)["train_config"]
+
+
+def load_checkpoint(out_dir: Path, model: UNet, optimizer: torch.optim.Optimizer) -> TrainState:
+    folder = out_dir / "checkpoints" / "last"
+    meta = read_json(folder / "state.json")
+    load_weights(model, folder / "model.safetensors")
+    tensors = load_tensors(folder / "optimizer.safetensors")
+    opt_state: dict = {"state": {}, "param_groups": meta["optimizer"]["param_groups"]}
+    for name, value in tensors.items():
+        idx, key = name.split(".", 1)
+        opt_state["state"].setdefault(int(idx), {})[key] = value
+    for idx, entries in meta["optimizer"]["scalars"].items():
+        opt_state["state"].setdefault(int(idx), {}).update(entries)
+    optimizer.load_state_dict(opt_state)
+    step = int(meta["step"])
+    _truncate_csv(out_dir / "training.csv", step)
+    best = meta.get("best_val_loss")
+    return TrainState(
+        step=step,
+        best_val_loss=math.inf if best is None else best,
+        elapsed_s=float(meta.get("elapsed_s", 0.0)),
+    )
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _read_csv(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [
+            {k: float(v) for k, v in row.items() if v not in ("", None)}
+            for row in csv.DictReader(f)
+        ]
+
+
+def _append_csv(path: Path, row: dict) -> None:
+    new = not path.is_file()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
+
+
+def _truncate_csv(path: Path, step: int) -> None:
+    """Drop rows logged after `step` (an interrupted run may have logged past its checkpoint)."""
+    rows = [r for r in _read_csv(path) if r["step"] <= step]
+    if path.is_file():
+        path.unlink()
+    for r in rows:
+        _append_csv(path, {k: (int(v) if k == "step" else v) for k, v in r.items()})
+
+
+# -- from folders --------------------------------------------------------------------------
+
+
+def train_from_folders(
+    images: Path,
+    masks: Path,
+    out_dir: Path,
+    info: ModelInfo,
+    config: TrainConfig,
+    data: DataConfig,
+    *,
+    val_images: Path | None = None,
+    val_masks: Path | None = None,
+    val_fraction: float = 0.2,
+    init: Path | None = None,
+    resume: bool = False,
+    callback: Callback | None = None,
+    command: str | None = None,
+    device: torch.device | None = None,
+) -> TrainState:
+    """Read image/mask folders (matched by file stem), then `fit`.
+
+    Validation uses `val_images`/`val_masks` when given, else the last `val_fraction` of the
+    training files (a contiguous block).
+    """
+    out_dir = Path(out_dir)
+    if resume:
+        stored = read_checkpoint_config(out_dir)
+        stored["steps"] = config.steps
+        config = TrainConfig(**stored)
+        info = ModelInfo.from_dict(read_json(out_dir / "config.json"), out_dir / "config.json")
+    elif is_model_dir(out_dir) and (init is None or Path(init).resolve() != out_dir.resolve()):
+        raise BiounetError(
+            f"{out_dir}: already holds a model; use --resume to continue its training, "
+            "--init to start from its weights, or another --out"
+        )
+    pairs = pair_by_stem(list_images(Path(images)), Path(masks))
+    if val_images is not None:
+        val_pairs = pair_by_stem(list_images(Path(val_images)), Path(val_masks or val_images))
+        train_pairs = pairs
+    else:
+        train_pairs, val_pairs = split_validation(pairs, val_fraction)
+    if init is not None and not resume:
+        model, init_info = load_model(Path(init))
+        info = init_info.replace(normalization=info.normalization, training=None)
+    else:
+        torch.manual_seed(config.seed)
+        model = UNet(info.net)
+    load = [load_sample(i, m, info.net, info.normalization, data) for i, m in train_pairs]
+    val = [load_sample(i, m, info.net, info.normalization, data) for i, m in val_pairs]
+    info = info.replace(
+        training={
+            "command": command,
+            "images": str(images),
+            "masks": str(masks),
+            "train_files": [p[0].name for p in train_pairs],
+            "val_files": [p[0].name for p in val_pairs],
+            "init": str(init) if init else None,
+            "train_config": asdict(config),
+            "data_config": asdict(data),
+        }
+    )
+    ensure_dir(out_dir)
+    state = fit(
+        out_dir, model, info, load, val, config, resume=resume, callback=callback, device=device
+    )
+    final = info.training | {
+        "steps_done": state.step,
+        "best_val_loss": _finite_or_none(state.best_val_loss),
+        "last": state.history[-1] if state.history else None,
+    }
+    info = info.replace(training=final)
+    # Record the final provenance next to whichever weights are current.
+    write_json(out_dir / "config.json", info.to_dict())
+    return state

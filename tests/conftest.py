@@ -1,0 +1,57 @@
+"""Shared fixtures: small synthetic data with known answers, and the real data when present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+torch.set_num_threads(2)
+
+
+def disks(
+    shape: tuple[int, int],
+    rng: np.random.Generator,
+    count: int = 6,
+    radius: tuple[int, int] = (8, 16),
+) -> np.ndarray:
+    """Instance label image (int32) of random non-overlapping-ish disks."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    labels = np.zeros(shape, np.int32)
+    for k in range(1, count + 1):
+        r = rng.integers(*radius)
+        cy, cx = rng.integers(r, shape[0] - r), rng.integers(r, shape[1] - r)
+        labels[((yy - cy) ** 2 + (xx - cx) ** 2 < r * r) & (labels == 0)] = k
+    return labels
+
+
+def disk_image(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """uint8 image: bright disks on a dark noisy background."""
+    img = np.where(labels > 0, 180.0, 40.0) + rng.normal(0, 12, labels.shape)
+    return img.clip(0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def disk_folders(tmp_path: Path) -> tuple[Path, Path]:
+    """Folders images/ and masks/ with 4 synthetic 96x120 disk images and binary masks."""
+    rng = np.random.default_rng(0)
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for i in range(4):
+        labels = disks((96, 120), rng)
+        iio.imwrite(images / f"img{i}.png", disk_image(labels, rng))
+        iio.imwrite(masks / f"img{i}.png", ((labels > 0) * 255).astype(np.uint8))
+    return images, masks
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "isbi2012").is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (../shared/data beside the checkout)")
+    return SHARED_DATA

@@ -1,0 +1,340 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import tifffile
+
+from biounet.cli import main
+
+TINY = ["--depth", "2", "--base-channels", "4"]
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def model_dir(tmp_path, capsys):
+    path = tmp_path / "model"
+    code, out, _ = run(capsys, "init", path, *TINY, "--seed", 1)
+    assert code == 0 and "created untrained model" in out
+    return path
+
+
+def test_init_info_predict_end_to_end(model_dir, tmp_path, capsys):
+    code, out, _ = run(capsys, "info", model_dir)
+    assert code == 0
+    assert '"depth": 2' in out and "margin per side: 20 px" in out
+    assert "parameters: 7,3" in out or "parameters:" in out
+    images = tmp_path / "in"
+    images.mkdir()
+    iio.imwrite(images / "a.png", np.random.default_rng(0).integers(0, 255, (45, 67), np.uint8))
+    tifffile.imwrite(
+        images / "b.tif", np.random.default_rng(1).integers(0, 4095, (30, 20), np.uint16)
+    )
+    code, out, _ = run(
+        capsys, "predict", model_dir, images, "--out", tmp_path / "masks", "--overlay", "--tile", 16
+    )
+    assert code == 0, out
+    a = tifffile.imread(tmp_path / "masks" / "a.tif")
+    assert a.shape == (45, 67) and a.dtype == np.uint8 and a.max() <= 1
+    assert tifffile.imread(tmp_path / "masks" / "b.tif").shape == (30, 20)
+    overlay = iio.imread(tmp_path / "masks" / "a_overlay.png")
+    assert overlay.shape == (45, 67, 3)
+    code, _, _ = run(
+        capsys,
+        "predict",
+        model_dir,
+        str(images / "*.png"),
+        "--out",
+        tmp_path / "probs",
+        "--output",
+        "prob",
+        "--precision",
+        "fp32",
+    )
+    assert code == 0
+    probs = tifffile.imread(tmp_path / "probs" / "a.tif")
+    assert probs.shape == (2, 45, 67) and probs.dtype == np.float32
+    assert np.allclose(probs.sum(0), 1, atol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "probs").iterdir()) == ["a.tif"]
+
+
+def test_train_then_predict_via_the_console_script(disk_folders, tmp_path):
+    images, masks = disk_folders
+    model = tmp_path / "trained"
+    cmd = [
+        sys.executable,
+        "-m",
+        "biounet",
+        "train",
+        "--images",
+        str(images),
+        "--masks",
+        str(masks),
+        "--out",
+        str(model),
+        *TINY,
+        "--steps",
+        "4",
+        "--tile",
+        "28",
+        "--val-every",
+        "2",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "trained 4 steps" in done.stdout
+    config = json.loads((model / "config.json").read_text())
+    for key in (
+        "depth",
+        "base_channels",
+        "in_channels",
+        "num_classes",
+        "padding",
+        "class_names",
+        "normalization",
+        "training",
+    ):
+        assert key in config
+    assert config["training"]["command"].startswith("biounet train --images")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "biounet",
+            "predict",
+            str(model),
+            str(images / "img0.png"),
+            "--out",
+            str(tmp_path / "p"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert tifffile.imread(tmp_path / "p" / "img0.tif").shape == (96, 120)
+
+
+# -- bad input: one line naming the file, exit 2, no traceback, nothing written -------------
+
+
+def _bad(capsys, tmp_path, argv, names, out_dir=None):
+    code, _, err = run(capsys, *argv)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("biounet: error: "), err
+    assert "Traceback" not in err
+    for name in names:
+        assert str(name) in lines[0], (name, lines[0])
+    if out_dir is not None:
+        leftovers = (
+            [p for p in Path(out_dir).rglob("*") if p.is_file()] if Path(out_dir).exists() else []
+        )
+        assert leftovers == [], leftovers
+    return lines[0]
+
+
+@pytest.fixture
+def train_args(disk_folders, tmp_path):
+    images, masks = disk_folders
+    return [
+        "train",
+        "--images",
+        images,
+        "--masks",
+        masks,
+        "--out",
+        tmp_path / "new",
+        *TINY,
+        "--steps",
+        "1",
+        "--tile",
+        "28",
+    ]
+
+
+def test_bad_missing_input_path(model_dir, tmp_path, capsys):
+    _bad(
+        capsys,
+        tmp_path,
+        ["predict", model_dir, tmp_path / "nope.png", "--out", tmp_path / "o"],
+        ["nope.png", "no such file"],
+        tmp_path / "o",
+    )
+
+
+def test_bad_empty_folder(model_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    _bad(
+        capsys,
+        tmp_path,
+        ["predict", model_dir, tmp_path / "empty", "--out", tmp_path / "o"],
+        ["empty", "no images found"],
+        tmp_path / "o",
+    )
+
+
+def test_bad_image_without_mask(train_args, disk_folders, tmp_path, capsys):
+    images, _ = disk_folders
+    iio.imwrite(images / "extra.png", np.zeros((96, 120), np.uint8))
+    _bad(capsys, tmp_path, train_args, ["extra.png", "no mask named extra"], tmp_path / "new")
+
+
+def test_bad_image_mask_size_mismatch(train_args, disk_folders, tmp_path, capsys):
+    _, masks = disk_folders
+    iio.imwrite(masks / "img1.png", np.zeros((50, 50), np.uint8))
+    _bad(capsys, tmp_path, train_args, ["img1.png", "50x50", "96x120"], tmp_path / "new")
+
+
+def test_bad_truncated_image(model_dir, tmp_path, capsys):
+    path = tmp_path / "cut.png"
+    iio.imwrite(path, np.zeros((64, 64), np.uint8))
+    path.write_bytes(path.read_bytes()[:40])
+    _bad(
+        capsys,
+        tmp_path,
+        ["predict", model_dir, path, "--out", tmp_path / "o"],
+        ["cut.png", "cannot be read"],
+        tmp_path / "o",
+    )
+
+
+def test_bad_3d_stack(model_dir, tmp_path, capsys):
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((10, 32, 32), np.uint8))
+    _bad(
+        capsys,
+        tmp_path,
+        ["predict", model_dir, tmp_path / "stack.tif", "--out", tmp_path / "o"],
+        ["stack.tif", "3-D stack"],
+        tmp_path / "o",
+    )
+
+
+def test_bad_nan_values(model_dir, tmp_path, capsys):
+    a = np.zeros((32, 32), np.float32)
+    a[3, 3] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", a)
+    _bad(
+        capsys,
+        tmp_path,
+        ["predict", model_dir, tmp_path / "nan.tif", "--out", tmp_path / "o"],
+        ["nan.tif", "NaN"],
+        tmp_path / "o",
+    )
+
+
+def test_bad_mask_with_more_values_than_classes(train_args, disk_folders, tmp_path, capsys):
+    _, masks = disk_folders
+    iio.imwrite(masks / "img2.png", (np.arange(96 * 120).reshape(96, 120) % 3).astype(np.uint8))
+    _bad(
+        capsys,
+        tmp_path,
+        [*train_args, "--mask-type", "binary"],
+        ["img2.png", "at most two values, found 3"],
+        tmp_path / "new",
+    )
+    # As class indices, the 0/255 masks are already wrong (the first one is named).
+    _bad(
+        capsys,
+        tmp_path,
+        [*train_args, "--mask-type", "classes"],
+        ["img0.png", "values 0, 255 are not all class indices 0..1"],
+        tmp_path / "new",
+    )
+
+
+def test_bad_unknown_model_directory(tmp_path, capsys):
+    (tmp_path / "notamodel").mkdir()
+    iio.imwrite(tmp_path / "a.png", np.zeros((8, 8), np.uint8))
+    _bad(
+        capsys,
+        tmp_path,
+        ["predict", tmp_path / "notamodel", tmp_path / "a.png", "--out", tmp_path / "o"],
+        ["notamodel", "config.json"],
+        tmp_path / "o",
+    )
+    _bad(capsys, tmp_path, ["info", tmp_path / "missing"], ["missing", "no such model"])
+
+
+def test_bad_incomplete_model_directory(model_dir, tmp_path, capsys):
+    (model_dir / "weights.safetensors").unlink()
+    _bad(capsys, tmp_path, ["info", model_dir], ["weights.safetensors", "incomplete"])
+    (model_dir / "config.json").write_text('{"depth": 2}')
+    _bad(capsys, tmp_path, ["info", model_dir], ["config.json", "missing base_channels"])
+
+
+def test_bad_corrupt_weights(model_dir, tmp_path, capsys):
+    weights = model_dir / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    _bad(capsys, tmp_path, ["info", model_dir], ["weights.safetensors", "corrupt"])
+
+
+def test_bad_weights_of_another_architecture(model_dir, tmp_path, capsys):
+    config = json.loads((model_dir / "config.json").read_text())
+    config["base_channels"] = 8
+    (model_dir / "config.json").write_text(json.dumps(config))
+    _bad(capsys, tmp_path, ["info", model_dir], ["weights.safetensors", "do not match"])
+
+
+def test_bad_output_path_under_a_regular_file(model_dir, tmp_path, capsys):
+    iio.imwrite(tmp_path / "a.png", np.zeros((8, 8), np.uint8))
+    (tmp_path / "file").write_text("a regular file")
+    _bad(
+        capsys,
+        tmp_path,
+        ["predict", model_dir, tmp_path / "a.png", "--out", tmp_path / "file" / "sub"],
+        ["file", "cannot create"],
+    )
+    assert (tmp_path / "file").read_text() == "a regular file"
+
+
+def test_bad_tile_too_small(model_dir, tmp_path, capsys):
+    iio.imwrite(tmp_path / "a.png", np.zeros((8, 8), np.uint8))
+    line = _bad(
+        capsys,
+        tmp_path,
+        ["predict", model_dir, tmp_path / "a.png", "--out", tmp_path / "o", "--tile", 3],
+        ["tile size 3"],
+        tmp_path / "o",
+    )
+    assert "smallest valid tile is 4" in line
+
+
+def test_bad_channel_count(model_dir, tmp_path, capsys):
+    iio.imwrite(tmp_path / "rgb.png", np.zeros((16, 16, 3), np.uint8))
+    _bad(
+        capsys,
+        tmp_path,
+        ["predict", model_dir, tmp_path / "rgb.png", "--out", tmp_path / "o"],
+        ["rgb.png", "3 channel"],
+        tmp_path / "o",
+    )
+
+
+def test_bad_input_leaves_earlier_outputs_untouched_and_nothing_partial(
+    model_dir, tmp_path, capsys
+):
+    iio.imwrite(tmp_path / "good.png", np.zeros((16, 16), np.uint8))
+    (tmp_path / "bad.png").write_bytes(b"garbage")
+    _bad(
+        capsys,
+        tmp_path,
+        [
+            "predict",
+            model_dir,
+            tmp_path / "good.png",
+            tmp_path / "bad.png",
+            "--out",
+            tmp_path / "o",
+        ],
+        ["bad.png"],
+        tmp_path / "o",
+    )

@@ -1,0 +1,120 @@
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import tifffile
+
+from biounet.errors import BiounetError
+from biounet.io import (
+    atomic_path,
+    list_images,
+    mask_to_classes,
+    pair_by_stem,
+    read_image,
+    read_mask,
+    write_tiff,
+)
+from biounet.normalize import NormalizeConfig, normalize
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_png_and_tiff_gray_round_trip(tmp_path, dtype):
+    a = (np.arange(12 * 10).reshape(12, 10) * 37 % np.iinfo(dtype).max).astype(dtype)
+    iio.imwrite(tmp_path / "a.png", a)
+    tifffile.imwrite(tmp_path / "a.tif", a)
+    for name in ("a.png", "a.tif"):
+        img = read_image(tmp_path / name)
+        assert img.shape == (1, 12, 10) and img.dtype == dtype
+        assert np.array_equal(img[0], a)
+
+
+def test_multichannel_layouts(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    iio.imwrite(tmp_path / "rgb.png", rgb)
+    assert np.array_equal(read_image(tmp_path / "rgb.png"), np.moveaxis(rgb, -1, 0))
+    chw = np.random.default_rng(0).integers(0, 4095, (2, 20, 30), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "two.tif", chw)
+    assert np.array_equal(read_image(tmp_path / "two.tif", in_channels=2), chw)
+    with pytest.raises(BiounetError, match="two.tif: has 2 channel.*expects 1"):
+        read_image(tmp_path / "two.tif", in_channels=1)
+
+
+def test_stack_nan_and_garbage_are_refused(tmp_path):
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((12, 20, 20), np.uint8))
+    with pytest.raises(BiounetError, match="stack.tif.*3-D stack"):
+        read_image(tmp_path / "stack.tif")
+    f = np.zeros((8, 8), np.float32)
+    f[2, 3] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", f)
+    with pytest.raises(BiounetError, match="nan.tif: contains NaN"):
+        read_image(tmp_path / "nan.tif")
+    (tmp_path / "junk.png").write_bytes(b"not an image at all")
+    with pytest.raises(BiounetError, match="junk.png: cannot be read as an image"):
+        read_image(tmp_path / "junk.png")
+
+
+def test_mask_types():
+    m = np.array([[0, 255], [255, 0]], np.uint8)
+    classes, inst, kind = mask_to_classes(m, "m", None, 2)
+    assert kind == "binary" and inst is None
+    assert np.array_equal(classes, [[0, 1], [1, 0]])
+    # The ISBI convention: 0 = membrane is the foreground we want.
+    classes, _, _ = mask_to_classes(m, "m", "binary", 2, foreground=0)
+    assert np.array_equal(classes, [[1, 0], [0, 1]])
+    # Any two values; the larger is foreground by default.
+    classes, _, _ = mask_to_classes(np.array([[3, 7]]), "m", None, 2)
+    assert np.array_equal(classes, [[0, 1]])
+    labels = np.array([[0, 1, 2], [0, 5, 5]], np.uint16)
+    classes, inst, kind = mask_to_classes(labels, "m", None, 2)
+    assert kind == "instances" and np.array_equal(inst, labels)
+    assert np.array_equal(classes, labels > 0)
+    classes, _, _ = mask_to_classes(np.array([[0, 1, 2]]), "m", "classes", 3)
+    assert np.array_equal(classes, [[0, 1, 2]])
+    with pytest.raises(BiounetError, match="m: mask values 0, 1, 2, 3 are not all class"):
+        mask_to_classes(np.array([[0, 1, 2, 3]]), "m", "classes", 3)
+    with pytest.raises(BiounetError, match="at most two values, found 3"):
+        mask_to_classes(np.array([[0, 1, 2]]), "m", "binary", 2)
+
+
+def test_float_masks_and_rgb_masks(tmp_path):
+    tifffile.imwrite(tmp_path / "f.tif", np.array([[0.0, 1.0]], np.float32))
+    assert read_mask(tmp_path / "f.tif").tolist() == [[0, 1]]
+    tifffile.imwrite(tmp_path / "g.tif", np.array([[0.0, 0.5]], np.float32))
+    with pytest.raises(BiounetError, match="fractional"):
+        read_mask(tmp_path / "g.tif")
+    rgb = np.repeat(np.array([[0, 255], [255, 0]], np.uint8)[..., None], 3, -1)
+    iio.imwrite(tmp_path / "rgb.png", rgb)
+    assert read_mask(tmp_path / "rgb.png").tolist() == [[0, 255], [255, 0]]
+
+
+def test_pairing_and_listing(tmp_path):
+    (tmp_path / "i").mkdir()
+    (tmp_path / "m").mkdir()
+    for name in ("b.png", "a.tif"):
+        iio.imwrite(tmp_path / "i" / name, np.zeros((4, 4), np.uint8))
+    iio.imwrite(tmp_path / "m" / "a.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "i" / "notes.txt").write_text("ignored")
+    assert [p.name for p in list_images(tmp_path / "i")] == ["a.tif", "b.png"]
+    with pytest.raises(BiounetError, match="b.png: no mask named b"):
+        pair_by_stem(list_images(tmp_path / "i"), tmp_path / "m")
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.tif"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("crash mid-write")
+    assert list(tmp_path.iterdir()) == []
+    write_tiff(target, np.ones((3, 3), np.uint8))
+    assert [p.name for p in tmp_path.iterdir()] == ["out.tif"]
+
+
+def test_percentile_normalisation_handles_12_bit_data_in_uint16():
+    rng = np.random.default_rng(0)
+    img = rng.integers(100, 4096, (1, 64, 64)).astype(np.uint16)
+    x = normalize(img, NormalizeConfig())
+    assert x.dtype == np.float32
+    assert np.percentile(x, 1) == pytest.approx(0, abs=1e-6)
+    assert np.percentile(x, 99.8) == pytest.approx(1, abs=1e-6)
+    flat = normalize(np.full((1, 4, 4), 7, np.uint16), NormalizeConfig())
+    assert np.all(flat == 0)
+    assert normalize(img, NormalizeConfig("dtype")).max() <= 4095 / 65535 + 1e-7

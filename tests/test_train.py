@@ -1,0 +1,118 @@
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from biounet.bundle import ModelInfo, load_model
+from biounet.data import DataConfig
+from biounet.model import UNetConfig
+from biounet.predict import PredictConfig, predict_array
+from biounet.train import TrainConfig, train_from_folders
+
+TINY = UNetConfig(depth=2, base_channels=4, dropout=0.3)
+
+
+def _info(net=TINY):
+    return ModelInfo(net, ("background", "disk"))
+
+
+def _train(folders, out, config, **kw):
+    images, masks = folders
+    return train_from_folders(images, masks, out, _info(), config, DataConfig(), **kw)
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(disk_folders, tmp_path):
+    config = TrainConfig(
+        steps=6,
+        batch_size=2,
+        tile=28,
+        lr=0.01,
+        seed=3,
+        val_every=3,
+        checkpoint_every=3,
+        log_every=1,
+        precision="fp32",
+    )
+    _train(disk_folders, tmp_path / "a", config)
+
+    def stop_at_3(info):
+        return info.step < 3
+
+    state = _train(disk_folders, tmp_path / "b", config, callback=stop_at_3)
+    assert state.step == 3
+    _train(disk_folders, tmp_path / "b", config, resume=True)
+
+    a, _ = load_model(tmp_path / "a")
+    b, _ = load_model(tmp_path / "b")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    # The checkpoints hold the last step's weights too, not only the best ones.
+    la = (tmp_path / "a" / "checkpoints/last/model.safetensors").read_bytes()
+    lb = (tmp_path / "b" / "checkpoints/last/model.safetensors").read_bytes()
+    assert la == lb
+    with (tmp_path / "b" / "training.csv").open() as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f)]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_same_seed_same_weights_different_seed_different(disk_folders, tmp_path):
+    config = TrainConfig(steps=3, tile=28, seed=1, precision="fp32", val_every=3)
+    _train(disk_folders, tmp_path / "a", config)
+    _train(disk_folders, tmp_path / "b", config)
+    _train(
+        disk_folders,
+        tmp_path / "c",
+        TrainConfig(steps=3, tile=28, seed=2, precision="fp32", val_every=3),
+    )
+    wa, wb, wc = (load_model(tmp_path / x)[0].head.weight for x in "abc")
+    assert torch.equal(wa, wb)
+    assert not torch.equal(wa, wc)
+
+
+def test_training_learns_disks_and_writes_the_model_directory(disk_folders, tmp_path):
+    out = tmp_path / "m"
+    net = UNetConfig(depth=2, base_channels=8)
+    images, masks = disk_folders
+    config = TrainConfig(
+        steps=80,
+        batch_size=2,
+        tile=44,
+        optimizer="adam",
+        lr=3e-3,
+        val_every=40,
+        checkpoint_every=40,
+    )
+    train_from_folders(
+        images, masks, out, _info(net), config, DataConfig(), command="biounet train ..."
+    )
+    for name in (
+        "config.json",
+        "weights.safetensors",
+        "training.csv",
+        "curves.png",
+        "checkpoints/last/optimizer.safetensors",
+        "checkpoints/last/state.json",
+    ):
+        assert (out / name).is_file(), name
+    model, info = load_model(out)
+    assert info.training["command"] == "biounet train ..."
+    assert info.training["val_files"] == ["img3.png"]  # the last file, held out
+    assert info.training["steps_done"] == 80
+    # Predict the held-out image: disks are bright, background dark; known answer = mask.
+    import imageio.v3 as iio
+
+    image = iio.imread(images / "img3.png")[None]
+    truth = iio.imread(masks / "img3.png") > 0
+    probs = predict_array(model, info, image, PredictConfig(precision="fp32"))
+    accuracy = np.mean((probs.argmax(0) == 1) == truth)
+    assert accuracy > 0.95
+
+
+def test_existing_model_is_not_overwritten_without_resume(disk_folders, tmp_path):
+    from biounet.errors import BiounetError
+
+    config = TrainConfig(steps=1, tile=28, precision="fp32")
+    _train(disk_folders, tmp_path / "a", config)
+    with pytest.raises(BiounetError, match="already holds a model; use --resume"):
+        _train(disk_folders, tmp_path / "a", config)
