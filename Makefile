@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DATA    ?= $(or $(BIOUNET_DATA),../shared/data)
 DEMO    ?= demo_out
-DEMO_STEPS ?= 300
+DEMO_STEPS ?= 400
 
 .PHONY: install test lint demo clean
 
