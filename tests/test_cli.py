@@ -9,6 +9,8 @@ import pytest
 import tifffile
 
 from biounet.cli import main
+from biounet.model import UNetConfig
+from biounet.normalize import NormalizeConfig
 
 TINY = ["--depth", "2", "--base-channels", "4"]
 
@@ -338,3 +340,67 @@ def test_bad_input_leaves_earlier_outputs_untouched_and_nothing_partial(
         ["bad.png"],
         tmp_path / "o",
     )
+
+
+def test_weights_command_writes_the_map_and_its_picture(tmp_path, capsys):
+    cells = np.zeros((40, 60), np.uint16)
+    cells[10:30, 5:29] = 1
+    cells[10:30, 29:55] = 2  # two touching cells: carved apart, high weight between
+    tifffile.imwrite(tmp_path / "cells.tif", cells)
+    code, out, _ = run(capsys, "weights", tmp_path / "cells.tif", "--out", tmp_path / "w.tif")
+    assert code == 0, out
+    w = tifffile.imread(tmp_path / "w.tif")
+    assert w.dtype == np.float32 and w.shape == (40, 60)
+    assert w[20, 28:30].min() > 5  # the carved contact line carries the border term
+    assert w[20, 15] < 2 and w[2, 2] < 2
+    code, _, _ = run(capsys, "weights", tmp_path / "cells.tif", "--out", tmp_path / "w.png")
+    assert code == 0 and iio.imread(tmp_path / "w.png").ndim == 3
+    _bad(
+        capsys,
+        tmp_path,
+        ["weights", tmp_path / "cells.tif", "--out", tmp_path / "w.jpg"],
+        ["w.jpg", ".png"],
+    )
+
+
+def test_augment_command_draws_a_grid(disk_folders, tmp_path, capsys):
+    images, masks = disk_folders
+    code, out, _ = run(
+        capsys,
+        "augment",
+        images / "img0.png",
+        masks / "img0.png",
+        "--out",
+        tmp_path / "grid.png",
+        "--count",
+        3,
+    )
+    assert code == 0 and "3 augmented" in out
+    grid = iio.imread(tmp_path / "grid.png")
+    assert grid.ndim == 3 and grid.shape[1] > grid.shape[0]
+
+
+def test_real_data_reads_and_weights(shared_data, tmp_path, capsys):
+    """BBBC039: 16-bit images, uint16 instance masks detected as instances."""
+    from biounet.data import DataConfig, load_sample
+
+    mask = sorted((shared_data / "bbbc039" / "masks").iterdir())[0]
+    image = shared_data / "bbbc039" / "images" / f"{mask.stem}.tif"
+    sample = load_sample(image, mask, UNetConfig(), NormalizeConfig(), DataConfig())
+    assert sample.image.shape == (1, 520, 696)
+    assert sample.instances.max() > 50  # ~118 nuclei per image
+    assert sample.weights.max() > 5  # touching nuclei get the border term
+    isbi = shared_data / "isbi2012"
+    code, _, _ = run(
+        capsys,
+        "weights",
+        isbi / "labels" / "00.png",
+        "--foreground",
+        0,
+        "--cell-class",
+        0,
+        "--out",
+        tmp_path / "isbi.tif",
+    )
+    assert code == 0
+    assert tifffile.imread(tmp_path / "isbi.tif").shape == (512, 512)

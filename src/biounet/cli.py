@@ -89,20 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the interrupted training in --out exactly where it stopped",
     )
     _arch_flags(q)
-    q.add_argument(
-        "--mask-type",
-        choices=("binary", "instances", "classes"),
-        help="default: detect (<= 2 values binary, more instances)",
-    )
-    q.add_argument(
-        "--foreground",
-        type=int,
-        help="stored value of the foreground in binary masks (default: the larger)",
-    )
+    _mask_flags(q, classes=False)
     q.add_argument(
         "--no-class-balance",
         action="store_true",
         help="do not weight pixels by inverse class frequency",
+    )
+    _weight_flags(q)
+    q.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="plain crops: no elastic deformation, rotation, flips, gray values",
+    )
+    q.add_argument(
+        "--elastic-std",
+        type=float,
+        default=10.0,
+        help="px, std of the 3x3 control-point displacements (default 10; 0 = off)",
     )
     q.add_argument("--steps", type=int, default=2000)
     q.add_argument("--batch-size", type=int, default=1)
@@ -122,6 +125,29 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workers", type=int, default=0, help="data loader processes")
     q.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     q.set_defaults(func=cmd_train)
+
+    q = sub.add_parser("weights", help="draw or save the paper's weight map of a mask")
+    q.add_argument("mask", type=Path)
+    q.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="W.png: heat map over the mask (the paper's Fig. 3d); W.tif: float32 map",
+    )
+    _mask_flags(q)
+    q.add_argument("--no-class-balance", action="store_true")
+    _weight_flags(q)
+    q.set_defaults(func=cmd_weights)
+
+    q = sub.add_parser("augment", help="draw augmented samples of an image and its mask")
+    q.add_argument("image", type=Path)
+    q.add_argument("mask", type=Path)
+    q.add_argument("--out", type=Path, required=True, help="PNG grid")
+    q.add_argument("--count", type=int, default=8, help="augmented samples (default 8)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--elastic-std", type=float, default=10.0)
+    _mask_flags(q)
+    q.set_defaults(func=cmd_augment)
 
     q = sub.add_parser("predict", help="segment images with a model")
     q.add_argument("model_dir", type=Path)
@@ -162,6 +188,64 @@ def _arch_flags(q: argparse.ArgumentParser) -> None:
         choices=("percentile", "dtype", "none"),
         default="percentile",
         help="intensity normalisation stored in the model (default percentile 1-99.8)",
+    )
+
+
+def _mask_flags(q: argparse.ArgumentParser, classes: bool = True) -> None:
+    q.add_argument(
+        "--mask-type",
+        choices=("binary", "instances", "classes"),
+        help="default: detect (<= 2 values binary, more instances)",
+    )
+    q.add_argument(
+        "--foreground",
+        type=int,
+        help="stored value of the foreground in binary masks (default: the larger)",
+    )
+    if classes:
+        q.add_argument("--classes", type=int, default=2, help="number of classes (default 2)")
+
+
+def _weight_flags(q: argparse.ArgumentParser) -> None:
+    q.add_argument(
+        "--w0",
+        type=float,
+        default=10.0,
+        help="border weight w0 of the paper's weight map (default 10; 0 = off)",
+    )
+    q.add_argument("--sigma", type=float, default=5.0, help="border weight sigma in px (5)")
+    q.add_argument(
+        "--cell-class",
+        type=int,
+        default=1,
+        help="class whose connected components are the cells (default 1; ISBI "
+        "with --foreground 0: 0, the interiors between membranes)",
+    )
+    q.add_argument(
+        "--touching",
+        choices=("background", "class", "keep"),
+        default="background",
+        help="instance masks: contact pixels of touching cells become background "
+        "(default), a third class, or stay cell",
+    )
+
+
+def _data_config(args: argparse.Namespace):
+    from biounet.augment import AugmentConfig
+    from biounet.data import DataConfig
+
+    augment = None
+    if not getattr(args, "no_augment", True):
+        augment = AugmentConfig(elastic=args.elastic_std > 0, elastic_std=args.elastic_std)
+    return DataConfig(
+        mask_type=args.mask_type,
+        foreground=args.foreground,
+        class_balance=not args.no_class_balance,
+        border_w0=args.w0,
+        border_sigma=args.sigma,
+        cell_class=args.cell_class,
+        touching=args.touching,
+        augment=augment,
     )
 
 
@@ -242,7 +326,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from biounet.data import DataConfig
     from biounet.io import list_images, read_image
     from biounet.train import TrainConfig, train_from_folders
 
@@ -266,11 +349,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         precision=args.precision,
     )
-    data = DataConfig(
-        mask_type=args.mask_type,
-        foreground=args.foreground,
-        class_balance=not args.no_class_balance,
-    )
+    data = _data_config(args)
     bar = tqdm(total=args.steps, unit="step", dynamic_ncols=True, disable=None)
 
     def on_step(s) -> None:
@@ -301,6 +380,51 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     print(f"trained {state.step} steps; model in {args.out}")
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from biounet.data import mask_weights
+    from biounet.io import atomic_path, write_tiff
+    from biounet.plots import weight_figure
+
+    suffix = args.out.suffix.lower()
+    if suffix not in (".png", ".tif", ".tiff"):
+        raise BiounetError(f"{args.out}: give a .png (picture) or .tif (float32 map) name")
+    classes, weights = mask_weights(args.mask, args.classes, _data_config(args))
+    if suffix == ".png":
+        with atomic_path(args.out) as tmp:
+            weight_figure(classes, weights).savefig(tmp, format="png", dpi=110)
+    else:
+        write_tiff(args.out, weights)
+    print(f"wrote {args.out} (weights {weights.min():.2f}..{weights.max():.2f})")
+    return 0
+
+
+def cmd_augment(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from biounet.augment import AugmentConfig
+    from biounet.data import augment_examples
+    from biounet.io import atomic_path, mask_to_classes, read_image, read_mask
+    from biounet.normalize import NormalizeConfig, normalize
+    from biounet.plots import augment_grid
+
+    if args.count < 1:
+        raise BiounetError("--count must be >= 1")
+    image = normalize(read_image(args.image), NormalizeConfig())
+    mask = read_mask(args.mask)
+    if mask.shape != image.shape[1:]:
+        raise BiounetError(
+            f"{args.mask}: mask size {mask.shape} differs from image {image.shape[1:]}"
+        )
+    classes, _, _ = mask_to_classes(mask, args.mask, args.mask_type, args.classes, args.foreground)
+    augment = AugmentConfig(elastic=args.elastic_std > 0, elastic_std=args.elastic_std)
+    rng = np.random.default_rng(args.seed)
+    examples = [(image, classes), *augment_examples(image, classes, rng, args.count, augment)]
+    with atomic_path(args.out) as tmp:
+        augment_grid(examples).savefig(tmp, format="png", dpi=90)
+    print(f"wrote {args.out} (original first, then {args.count} augmented samples)")
     return 0
 
 

@@ -60,3 +60,44 @@ def overlay(image: np.ndarray, classes: np.ndarray, alpha: float = 0.45) -> np.n
     colours = palette[np.minimum(classes, len(palette) - 1)]
     rgb[fg] = (1 - alpha) * rgb[fg] + alpha * colours[fg]
     return rgb.round().astype(np.uint8)
+
+
+def weight_figure(classes: np.ndarray, weights: np.ndarray) -> Figure:
+    """The paper's Fig. 3c/d: the mask, and the weight map as a heat map over it."""
+    fig = Figure(figsize=(10, 4.6))
+    FigureCanvasAgg(fig)
+    ax_mask, ax_w = fig.subplots(1, 2)
+    ax_mask.imshow(classes, cmap="gray", interpolation="nearest")
+    ax_mask.set_title("classes")
+    ax_w.imshow(classes > 0, cmap="gray", interpolation="nearest")
+    shown = ax_w.imshow(weights, cmap="jet", alpha=0.75, interpolation="nearest")
+    ax_w.set_title(f"weight map (max {weights.max():.2f})")
+    fig.colorbar(shown, ax=ax_w, fraction=0.046, pad=0.04)
+    for ax in (ax_mask, ax_w):
+        ax.set_axis_off()
+    fig.tight_layout()
+    return fig
+
+
+def augment_grid(examples: list[tuple[np.ndarray, np.ndarray]], columns: int = 4) -> Figure:
+    """Augmented images with their mask contours on top, in a grid.
+
+    Parameters
+    ----------
+    examples : list of (image (C, H, W) float, classes (H, W) int)
+        The first entry is shown as "original" when it is the undeformed pair.
+    """
+    from skimage.segmentation import find_boundaries
+
+    rows = -(-len(examples) // columns)
+    fig = Figure(figsize=(3 * columns, 3 * rows))
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    for ax, (image, classes) in zip(axes, examples, strict=False):
+        rgb = np.repeat(to_uint8(image)[..., None], 3, axis=-1)
+        rgb[find_boundaries(classes, mode="inner")] = (255, 40, 40)
+        ax.imshow(rgb, interpolation="nearest")
+    fig.tight_layout()
+    return fig

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from biounet.augment import AugmentConfig
 from biounet.bundle import ModelInfo, load_model, load_weights, save_model
 from biounet.data import (
     DataConfig,
@@ -136,6 +137,7 @@ def fit(
     config: TrainConfig,
     *,
     resume: bool = False,
+    augment: AugmentConfig | None = None,
     callback: Callback | None = None,
     device: torch.device | None = None,
     rank: int = 0,
@@ -154,6 +156,8 @@ def fit(
     config : TrainConfig
     resume : bool
         Continue from ``out_dir/checkpoints/last`` (weights, optimizer, step).
+    augment : AugmentConfig, optional
+        Augmentation of training tiles (None: plain crops).
     callback : callable(StepInfo) -> bool or None, optional
         Called after each step; returning False stops after saving a checkpoint.
     device : torch.device, optional
@@ -179,7 +183,9 @@ def fit(
         _truncate_csv(out_dir / "training.csv", 0)
 
     geometry = tile_geometry(info.net, config.tile)
-    dataset = TileDataset(train_samples, geometry, config.seed, config.steps * config.batch_size)
+    dataset = TileDataset(
+        train_samples, geometry, config.seed, config.steps * config.batch_size, augment
+    )
     batches = [
         list(range(s * config.batch_size, (s + 1) * config.batch_size))
         for s in range(state.step, config.steps)
@@ -431,6 +437,8 @@ def train_from_folders(
         stored["steps"] = config.steps
         config = TrainConfig(**stored)
         info = ModelInfo.from_dict(read_json(out_dir / "config.json"), out_dir / "config.json")
+        if info.training and info.training.get("data_config"):
+            data = DataConfig.from_dict(info.training["data_config"])
     elif is_model_dir(out_dir) and (init is None or Path(init).resolve() != out_dir.resolve()):
         raise BiounetError(
             f"{out_dir}: already holds a model; use --resume to continue its training, "
@@ -464,7 +472,16 @@ def train_from_folders(
     )
     ensure_dir(out_dir)
     state = fit(
-        out_dir, model, info, load, val, config, resume=resume, callback=callback, device=device
+        out_dir,
+        model,
+        info,
+        load,
+        val,
+        config,
+        resume=resume,
+        augment=data.augment,
+        callback=callback,
+        device=device,
     )
     final = info.training | {
         "steps_done": state.step,
