@@ -53,8 +53,10 @@ def main() -> None:
 
     net = UNetConfig()  # the paper's network: depth 4, base 64, valid
     precision = resolve_precision("auto", torch.device("cpu"))
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, precision {precision}, {time.strftime('%F')}")
+    print(
+        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, precision {precision}, {time.strftime('%F')}"
+    )
 
     bbbc = args.data / "bbbc039"
     pairs = pair_by_stem(list_images(bbbc / "images"), bbbc / "masks")[: args.images]
@@ -67,12 +69,13 @@ def main() -> None:
     from biounet.weightmap import border_weights
 
     cells = [s.instances for s in samples]
-    wm = statistics.median(
-        median_time(lambda c=c: border_weights(c), 3) for c in cells
-    )
+    wm = statistics.median(median_time(lambda c=c: border_weights(c), 3) for c in cells)
     n_cells = statistics.median(len(np.unique(c)) - 1 for c in cells)
-    print(f"border weight map, 520x696, ~{n_cells:.0f} nuclei: {wm * 1000:.1f} ms/image "
-          f"(once per image; full load incl. reading {statistics.median(load_times) * 1000:.0f} ms)")
+    load_ms = statistics.median(load_times) * 1000
+    print(
+        f"border weight map, 520x696, ~{n_cells:.0f} nuclei: {wm * 1000:.1f} ms/image "
+        f"(once per image; full load incl. reading {load_ms:.0f} ms)"
+    )
 
     geo = tile_geometry(net, 388)
     on = TileDataset(samples, geo, seed=0, length=10**6, augment=AugmentConfig())
@@ -80,8 +83,10 @@ def main() -> None:
     counter = iter(range(10**6))
     t_aug = median_time(lambda: on[next(counter)], 15)
     t_plain = median_time(lambda: off[next(counter)], 15)
-    print(f"tile {geo.tile_in}->{geo.tile_out}: augmented {t_aug * 1000:.1f} ms, "
-          f"plain {t_plain * 1000:.1f} ms")
+    print(
+        f"tile {geo.tile_in}->{geo.tile_out}: augmented {t_aug * 1000:.1f} ms, "
+        f"plain {t_plain * 1000:.1f} ms"
+    )
 
     torch.manual_seed(0)
     model = UNet(net).to(memory_format=memory_format(precision))
@@ -100,13 +105,22 @@ def main() -> None:
     step()  # warm-up
     t_step = median_time(step, 3)
     print(f"training step, base-64 valid U-Net, 572x572: {t_step:.2f} s")
-    print(f"data pipeline / step: {t_aug / t_step * 100:.1f} % per tile "
-          f"(+ weight map amortised over the tiles drawn from each image)")
+    print(
+        f"data pipeline / step: {t_aug / t_step * 100:.1f} % per tile "
+        f"(+ weight map amortised over the tiles drawn from each image)"
+    )
 
     info = ModelInfo(net, ("background", "nucleus"))
     for aug, workers in ((None, 0), (AugmentConfig(), 0), (AugmentConfig(), 1)):
-        cfg = TrainConfig(steps=args.steps, tile=388, num_workers=workers, val_every=10**6,
-                          checkpoint_every=10**6, log_every=10**6, precision="auto")
+        cfg = TrainConfig(
+            steps=args.steps,
+            tile=388,
+            num_workers=workers,
+            val_every=10**6,
+            checkpoint_every=10**6,
+            log_every=10**6,
+            precision="auto",
+        )
         torch.manual_seed(0)
         m = UNet(net)
         with tempfile.TemporaryDirectory() as tmp:
@@ -114,8 +128,10 @@ def main() -> None:
             fit(Path(tmp), m, info, samples, [], cfg, augment=aug)
             dt = time.perf_counter() - t
         label = "on " if aug else "off"
-        print(f"training, pipeline {label}, {workers} worker(s): {args.steps / dt:.3f} tiles/s "
-              f"({args.steps} steps, {dt:.1f} s incl. first-step warm-up and final save)")
+        print(
+            f"training, pipeline {label}, {workers} worker(s): {args.steps / dt:.3f} tiles/s "
+            f"({args.steps} steps, {dt:.1f} s incl. first-step warm-up and final save)"
+        )
 
 
 if __name__ == "__main__":
