@@ -116,3 +116,47 @@ def test_existing_model_is_not_overwritten_without_resume(disk_folders, tmp_path
     _train(disk_folders, tmp_path / "a", config)
     with pytest.raises(BiounetError, match="already holds a model; use --resume"):
         _train(disk_folders, tmp_path / "a", config)
+
+
+def test_time_budget_stops_training_and_still_saves(disk_folders, tmp_path):
+    config = TrainConfig(steps=1000, tile=28, precision="fp32", max_minutes=1e-6)
+    state = _train(disk_folders, tmp_path / "m", config)
+    assert state.step == 1
+    model, info = load_model(tmp_path / "m")
+    assert info.training["steps_done"] == 1
+
+
+def test_half_precision_storage_halves_the_file_and_keeps_predictions(disk_folders, tmp_path):
+    from biounet.bundle import save_model
+
+    model, info = load_model(_trained(disk_folders, tmp_path))
+    save_model(tmp_path / "half", model, info.replace(weights_dtype="float16"))
+    full = (tmp_path / "m" / "weights.safetensors").stat().st_size
+    half = (tmp_path / "half" / "weights.safetensors").stat().st_size
+    assert half < 0.6 * full
+    half_model, half_info = load_model(tmp_path / "half")
+    assert half_info.weights_dtype == "float16"
+    image = np.random.default_rng(0).integers(0, 255, (1, 50, 70)).astype(np.uint8)
+    config = PredictConfig(precision="fp32")
+    a = predict_array(model, info, image, config)
+    b = predict_array(half_model, half_info, image, config)
+    assert np.abs(a - b).max() < 5e-3
+
+
+def test_test_time_augmentation_is_equivariant(disk_folders, tmp_path):
+    model, info = load_model(_trained(disk_folders, tmp_path))
+    image = np.random.default_rng(0).integers(0, 255, (1, 37, 52)).astype(np.uint8)
+    config = PredictConfig(precision="fp32", tta=True)
+    a = predict_array(model, info, image, config)
+    b = predict_array(model, info, np.rot90(image, 1, axes=(1, 2)).copy(), config)
+    assert a.shape == (2, 37, 52)
+    assert np.abs(a - np.rot90(b, -1, axes=(1, 2))).max() < 1e-4
+    plain = predict_array(model, info, image, PredictConfig(precision="fp32"))
+    assert np.abs(a - plain).max() > 1e-4  # averaging really changes something
+
+
+def _trained(folders, tmp_path):
+    out = tmp_path / "m"
+    if not out.exists():
+        _train(folders, out, TrainConfig(steps=2, tile=28, precision="fp32"))
+    return out

@@ -22,6 +22,7 @@ from biounet.io import (
 from biounet.model import UNet, UNetConfig
 from biounet.normalize import NormalizeConfig
 
+WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ARCH_KEYS = (
     "depth",
     "base_channels",
@@ -42,8 +43,13 @@ class ModelInfo:
     normalization: NormalizeConfig = field(default_factory=NormalizeConfig)
     training: dict | None = None  # how it was trained: command, data, settings, metrics
     postprocess: dict | None = None  # what --output instances needs (later issues)
+    weights_dtype: str = "float32"  # storage precision of weights.safetensors (or float16)
 
     def __post_init__(self) -> None:
+        if self.weights_dtype not in WEIGHT_DTYPES:
+            raise BiounetError(
+                f"weights dtype must be one of {tuple(WEIGHT_DTYPES)}, not {self.weights_dtype!r}"
+            )
         if len(self.class_names) != self.net.num_classes:
             raise BiounetError(
                 f"{len(self.class_names)} class names given for {self.net.num_classes} classes"
@@ -58,6 +64,7 @@ class ModelInfo:
             "normalization": self.normalization.to_dict(),
             "training": self.training,
             "postprocess": self.postprocess,
+            "weights_dtype": self.weights_dtype,
         }
 
     @classmethod
@@ -68,7 +75,14 @@ class ModelInfo:
         try:
             net = UNetConfig(**{k: d[k] for k in ARCH_KEYS if k in d})
             norm = NormalizeConfig(**d.get("normalization", {}))
-            return cls(net, tuple(d["class_names"]), norm, d.get("training"), d.get("postprocess"))
+            return cls(
+                net,
+                tuple(d["class_names"]),
+                norm,
+                d.get("training"),
+                d.get("postprocess"),
+                d.get("weights_dtype", "float32"),
+            )
         except (TypeError, BiounetError) as exc:
             raise BiounetError(f"{source}: invalid model config ({exc})") from None
 
@@ -87,7 +101,10 @@ def default_class_names(num_classes: int) -> tuple[str, ...]:
 def save_model(folder: Path, model: UNet, info: ModelInfo) -> None:
     """Write weights then config (the config's presence marks a complete directory)."""
     folder = Path(folder)
-    save_tensors(folder / WEIGHTS_NAME, model.state_dict(), metadata={"format": "biounet"})
+    dtype = WEIGHT_DTYPES[info.weights_dtype]
+    # Half-precision storage halves a shipped model; the network still computes in fp32.
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_tensors(folder / WEIGHTS_NAME, state, metadata={"format": "biounet"})
     write_json(folder / CONFIG_NAME, info.to_dict())
 
 
@@ -113,4 +130,4 @@ def load_weights(model: UNet, path: Path) -> None:
             f"{path}: weights do not match the architecture in {CONFIG_NAME} "
             "(different depth, width or classes); the model directory is inconsistent"
         )
-    model.load_state_dict(state)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})

@@ -108,14 +108,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="px, std of the 3x3 control-point displacements (default 10; 0 = off)",
     )
     q.add_argument("--steps", type=int, default=2000)
+    q.add_argument(
+        "--max-minutes", type=float, help="wall-clock budget: stop at --steps or after this"
+    )
+    q.add_argument(
+        "--save-dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="storage precision of weights.safetensors (float16 halves a shipped model)",
+    )
     q.add_argument("--batch-size", type=int, default=1)
     q.add_argument("--tile", type=int, default=388, help="output tile side (default 388)")
-    q.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    q.add_argument(
+        "--optimizer",
+        choices=("adam", "sgd"),
+        default="adam",
+        help="adam (default) or sgd with --momentum 0.99 as in the paper",
+    )
     q.add_argument(
         "--lr",
         type=float,
         default=None,
-        help="learning rate (default 0.01 for sgd, 0.001 for adam)",
+        help="learning rate (default 0.001)",
     )
     q.add_argument("--momentum", type=float, default=0.99)
     q.add_argument("--weight-decay", type=float, default=0.0)
@@ -125,6 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workers", type=int, default=0, help="data loader processes")
     q.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     q.set_defaults(func=cmd_train)
+
+    q = sub.add_parser("evaluate", help="score predictions against ground truth")
+    q.add_argument("pred", type=Path, help="prediction folder or file (matched by stem)")
+    q.add_argument("truth", type=Path, help="ground-truth folder or file")
+    q.add_argument("--task", choices=("membranes", "semantic", "instances"), required=True)
+    q.add_argument("--classes", type=int, help="semantic: number of classes (default: detect)")
+    q.add_argument(
+        "--truth-foreground",
+        type=int,
+        help="membranes: stored truth value of membrane (default 0, the ISBI convention)",
+    )
+    q.add_argument(
+        "--membrane-class", type=int, default=1, help="membranes: predicted membrane class (1)"
+    )
+    q.add_argument("--json", type=Path, help="also write the full report as JSON")
+    q.set_defaults(func=cmd_evaluate)
 
     q = sub.add_parser("weights", help="draw or save the paper's weight map of a mask")
     q.add_argument("mask", type=Path)
@@ -162,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="mask: uint8 class TIFF; prob: float32 TIFF, one plane per class",
     )
     q.add_argument("--overlay", action="store_true", help="also write STEM_overlay.png")
+    q.add_argument(
+        "--tta",
+        action="store_true",
+        help="average over the 8 rotations/flips of each image (8x slower, smoother borders)",
+    )
     q.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     q.set_defaults(func=cmd_predict)
     return p
@@ -334,7 +369,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if in_channels is None and not args.resume and args.init is None:
         in_channels = read_image(list_images(images)[0]).shape[0]
     info = _model_info(args, in_channels or 1)
-    lr = args.lr if args.lr is not None else (0.01 if args.optimizer == "sgd" else 0.001)
+    lr = args.lr if args.lr is not None else 0.001
     config = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -348,7 +383,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         num_workers=args.workers,
         precision=args.precision,
+        max_minutes=args.max_minutes,
     )
+    info = info.replace(weights_dtype=args.save_dtype)
     data = _data_config(args)
     bar = tqdm(total=args.steps, unit="step", dynamic_ncols=True, disable=None)
 
@@ -380,6 +417,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     print(f"trained {state.step} steps; model in {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from biounet.evaluate import EvaluateConfig, evaluate_folders, format_table, save_report
+
+    config = EvaluateConfig(
+        task=args.task,
+        num_classes=args.classes,
+        truth_foreground=args.truth_foreground,
+        membrane_class=args.membrane_class,
+    )
+    report = evaluate_folders(_data_path(args.pred), _data_path(args.truth), config)
+    print(format_table(report))
+    if args.json is not None:
+        save_report(args.json, report)
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -439,6 +493,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         precision=args.precision,
         output=args.output,
         overlay=args.overlay,
+        tta=args.tta,
     )
     bar = tqdm(unit="tile", dynamic_ncols=True, disable=None, leave=False)
 

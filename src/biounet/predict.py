@@ -41,6 +41,9 @@ class PredictConfig:
         Also write ``STEM_overlay.png``: the mask in colour over the image.
     halo : int, optional
         Discarded tile border for the padded ("same") variant (default: receptive radius).
+    tta : bool
+        Test-time augmentation: average the probabilities over the 8 rotations/flips of the
+        image (the paper averaged over rotated versions of the input). 8x the compute.
     """
 
     tile: int | None = None
@@ -49,6 +52,7 @@ class PredictConfig:
     output: str = "mask"
     overlay: bool = False
     halo: int | None = None
+    tta: bool = False
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUTS:
@@ -107,11 +111,25 @@ def predict_array(
     precision = resolve_precision(config.precision, device)
     forward = model_forward(model.to(device), precision, device)
     x = normalize(image, info.normalization)
-    plan = plan_tiles(info.net, x.shape[1:], config.tile, config.halo)
-    logits = predict_tiled(
-        forward, x, plan, info.net.num_classes, config.batch_size, progress=progress
-    )
-    return softmax(logits)
+    views = dihedral_views() if config.tta else [(0, False)]
+    total = None
+    for k, flip in views:
+        view = np.rot90(x, k, axes=(1, 2))
+        view = np.ascontiguousarray(view[:, :, ::-1] if flip else view)
+        plan = plan_tiles(info.net, view.shape[1:], config.tile, config.halo)
+        probs = softmax(
+            predict_tiled(
+                forward, view, plan, info.net.num_classes, config.batch_size, progress=progress
+            )
+        )
+        probs = np.rot90(probs[:, :, ::-1] if flip else probs, -k, axes=(1, 2))
+        total = probs if total is None else total + probs
+    return np.ascontiguousarray(total / len(views), dtype=np.float32)
+
+
+def dihedral_views() -> list[tuple[int, bool]]:
+    """The 8 rotations by multiples of 90 degrees, each with and without a mirror flip."""
+    return [(k, flip) for k in range(4) for flip in (False, True)]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
