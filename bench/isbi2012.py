@@ -88,8 +88,30 @@ def run(cmd: list[str]) -> float:
     return time.perf_counter() - t
 
 
+def use_final_weights(model_dir: Path) -> None:
+    """Replace the validation-selected weights by those of the last step.
+
+    MONAI's row has no model selection, and the validation slices are the ones we report on:
+    selecting on them would flatter our rows, so every row is scored with its final weights.
+    """
+    from biounet.bundle import load_info, load_weights, save_model
+    from biounet.model import UNet
+
+    info = load_info(model_dir)
+    model = UNet(info.net)
+    load_weights(model, model_dir / "checkpoints" / "last" / "model.safetensors")
+    save_model(model_dir, model, info)
+
+
 def biounet_row(
-    name: str, dirs: dict, model: Path, budget: float, extra: list[str], out: Path, tta: bool
+    name: str,
+    dirs: dict,
+    model: Path,
+    budget: float,
+    extra: list[str],
+    out: Path,
+    tta: bool,
+    skip_train: bool = False,
 ) -> tuple[list[np.ndarray], dict]:
     train_cmd = [
         *BIOUNET,
@@ -116,11 +138,14 @@ def biounet_row(
         str(budget),
         *extra,
     ]
-    if model.exists():
-        import shutil
+    t_train = 60.0 * budget  # when reusing a trained model: the budget it trained under
+    if not skip_train:
+        if model.exists():
+            import shutil
 
-        shutil.rmtree(model)
-    t_train = run(train_cmd)
+            shutil.rmtree(model)
+        t_train = run(train_cmd)
+    use_final_weights(model)
     pred = out / f"pred_{name}"
     predict_cmd = [
         *BIOUNET,
@@ -273,6 +298,12 @@ def main() -> None:
     p.add_argument("--rows", default="d,a,b,c")
     p.add_argument("--base-channels", type=int, default=32)
     p.add_argument("--no-tta", action="store_true", help="row (a) without 8-fold TTA")
+    p.add_argument("--w0", type=float, default=10.0, help="row (a): border weight w0 (10)")
+    p.add_argument(
+        "--skip-train",
+        action="store_true",
+        help="rows a, b: score the models already trained in --ship and --out",
+    )
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dirs = make_split(args.data, args.out)
@@ -299,6 +330,8 @@ def main() -> None:
                     "0.001",
                     "--save-dtype",
                     "float16",
+                    "--w0",
+                    str(args.w0),
                     "--val-every",
                     "200",
                     "--checkpoint-every",
@@ -306,8 +339,9 @@ def main() -> None:
                 ],
                 args.out,
                 not args.no_tta,
+                args.skip_train,
             )
-            name = "(a) biounet U-Net, valid, elastic + weight map" + (
+            name = f"(a) biounet U-Net, valid, elastic + weight map w0={args.w0:g}" + (
                 ", TTA" if not args.no_tta else ""
             )
         elif row == "b":
@@ -334,6 +368,7 @@ def main() -> None:
                 ],
                 args.out,
                 False,
+                args.skip_train,
             )
             name = "(b) padded U-Net, no elastic, no weight map"
         elif row == "c":
@@ -346,9 +381,11 @@ def main() -> None:
             raise SystemExit(f"unknown row {row!r}")
         results[name] = score(probs, truths) | meta
         print(name, json.dumps(results[name]), flush=True)
-    (args.out / "results.json").write_text(
-        json.dumps({"header": header, "rows": results}, indent=2)
-    )
+    # Merge with an earlier run's rows, so rows can be (re)scored one at a time.
+    path = args.out / "results.json"
+    previous = json.loads(path.read_text())["rows"] if path.is_file() else {}
+    results = previous | results
+    path.write_text(json.dumps({"header": header, "rows": results}, indent=2))
     print(f"\n# {header}\n")
     print(
         "| method | pixel error | wrong px @0.5 | Rand error | V_info | warping error "

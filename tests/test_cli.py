@@ -33,7 +33,11 @@ def test_init_info_predict_end_to_end(model_dir, tmp_path, capsys):
     code, out, _ = run(capsys, "info", model_dir)
     assert code == 0
     assert '"depth": 2' in out and "margin per side: 20 px" in out
-    assert "parameters: 7,3" in out or "parameters:" in out
+    from biounet.model import UNet
+
+    expected = UNet(UNetConfig(depth=2, base_channels=4)).num_parameters()
+    assert f"parameters: {expected:,}" in out
+    assert "valid tiles (input->output): 44->4, 48->8, 52->12" in out
     images = tmp_path / "in"
     images.mkdir()
     iio.imwrite(images / "a.png", np.random.default_rng(0).integers(0, 255, (45, 67), np.uint8))
@@ -326,20 +330,67 @@ def test_bad_input_leaves_earlier_outputs_untouched_and_nothing_partial(
 ):
     iio.imwrite(tmp_path / "good.png", np.zeros((16, 16), np.uint8))
     (tmp_path / "bad.png").write_bytes(b"garbage")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "good.tif").write_bytes(b"an earlier result")
+    code, _, err = run(
+        capsys,
+        "predict",
+        model_dir,
+        tmp_path / "good.png",
+        tmp_path / "bad.png",
+        "--out",
+        tmp_path / "o",
+    )
+    assert code == 2 and "bad.png" in err
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["good.tif"]
+    assert (tmp_path / "o" / "good.tif").read_bytes() == b"an earlier result"
+
+
+def test_bad_output_would_overwrite_an_input(model_dir, tmp_path, capsys):
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((16, 16), np.uint8))
     _bad(
         capsys,
         tmp_path,
-        [
-            "predict",
-            model_dir,
-            tmp_path / "good.png",
-            tmp_path / "bad.png",
-            "--out",
-            tmp_path / "o",
-        ],
-        ["bad.png"],
-        tmp_path / "o",
+        ["predict", model_dir, tmp_path / "a.tif", "--out", tmp_path],
+        ["a.tif", "overwrite an input"],
     )
+    assert tifffile.imread(tmp_path / "a.tif").shape == (16, 16)
+
+
+def test_bad_validation_images_without_masks(train_args, disk_folders, tmp_path, capsys):
+    images, _ = disk_folders
+    _bad(capsys, tmp_path, [*train_args, "--val-images", images], ["--val-masks"], tmp_path / "new")
+
+
+def test_bad_negative_elastic_std_is_a_clean_error(train_args, tmp_path, capsys):
+    _bad(capsys, tmp_path, [*train_args, "--elastic-std", "-1"], ["--elastic-std"])
+
+
+def test_relative_data_paths_are_found_under_biounet_data(
+    disk_folders, tmp_path, capsys, monkeypatch
+):
+    images, masks = disk_folders
+    monkeypatch.setenv("BIOUNET_DATA", str(images.parent))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # "images" and "masks" do not exist from here
+    code, out, err = run(
+        capsys,
+        "train",
+        "--images",
+        "images",
+        "--masks",
+        "masks",
+        "--out",
+        tmp_path / "m",
+        *TINY,
+        "--steps",
+        1,
+        "--tile",
+        28,
+    )
+    assert code == 0, err
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["training"]["images"] == str(images)
 
 
 def test_weights_command_writes_the_map_and_its_picture(tmp_path, capsys):
@@ -404,3 +455,74 @@ def test_real_data_reads_and_weights(shared_data, tmp_path, capsys):
     )
     assert code == 0
     assert tifffile.imread(tmp_path / "isbi.tif").shape == (512, 512)
+
+
+def test_instance_output_from_a_model_trained_on_instance_masks(tmp_path, capsys):
+    """Train on instance masks -> config says how to post-process -> labels 1..N."""
+    from .conftest import disk_image, disks
+
+    rng = np.random.default_rng(3)
+    (tmp_path / "i").mkdir()
+    (tmp_path / "m").mkdir()
+    for k in range(3):
+        labels = disks((80, 96), rng, count=5)
+        iio.imwrite(tmp_path / "i" / f"c{k}.png", disk_image(labels, rng))
+        tifffile.imwrite(tmp_path / "m" / f"c{k}.tif", labels.astype(np.uint16))
+    code, out, err = run(
+        capsys,
+        "train",
+        "--images",
+        tmp_path / "i",
+        "--masks",
+        tmp_path / "m",
+        "--out",
+        tmp_path / "model",
+        *TINY,
+        "--steps",
+        2,
+        "--tile",
+        28,
+    )
+    assert code == 0, err
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["postprocess"]["instances"]["expand"] == 1  # carved 2-class training
+    # The third-class variant trains too: contacts become class 2 of a 3-class model.
+    args3 = [
+        "train",
+        "--images",
+        tmp_path / "i",
+        "--masks",
+        tmp_path / "m",
+        "--out",
+        tmp_path / "model3",
+        *TINY,
+        "--classes",
+        3,
+        "--touching",
+        "class",
+        "--steps",
+        1,
+        "--tile",
+        28,
+    ]
+    code, out, err = run(capsys, *args3)
+    assert code == 0, err
+    post = json.loads((tmp_path / "model3" / "config.json").read_text())["postprocess"]
+    assert post["instances"]["border_class"] == 2
+    code, out, err = run(
+        capsys,
+        "predict",
+        tmp_path / "model",
+        tmp_path / "i" / "c0.png",
+        "--out",
+        tmp_path / "pred",
+        "--output",
+        "instances",
+        "--overlay",
+    )
+    assert code == 0, err
+    labels = tifffile.imread(tmp_path / "pred" / "c0.tif")
+    assert labels.dtype == np.uint16 and labels.shape == (80, 96)
+    ids = np.unique(labels[labels > 0])
+    assert np.array_equal(ids, np.arange(1, len(ids) + 1))  # consecutive (may be empty)
+    assert iio.imread(tmp_path / "pred" / "c0_overlay.png").shape == (80, 96, 3)

@@ -122,3 +122,27 @@ def test_validation_split_is_the_last_contiguous_block():
     assert val == [20, 21, 22, 23, 24] and train == list(range(20))
     assert split_validation([1, 2], 0.1) == ([1], [2])
     assert split_validation([1], 0.5) == ([1], [])
+
+
+def test_three_class_instance_masks_load_with_a_border_class(tmp_path):
+    import tifffile
+
+    from biounet.data import load_sample
+    from biounet.normalize import NormalizeConfig
+
+    cells = np.zeros((20, 24), np.uint16)
+    cells[4:16, 2:12] = 1
+    cells[4:16, 12:22] = 2
+    tifffile.imwrite(tmp_path / "m.tif", cells)
+    tifffile.imwrite(tmp_path / "i.tif", (cells > 0).astype(np.uint8) * 200)
+    net3 = UNetConfig(depth=2, base_channels=4, num_classes=3)
+    sample = load_sample(
+        tmp_path / "i.tif",
+        tmp_path / "m.tif",
+        net3,
+        NormalizeConfig(),
+        DataConfig(touching="class"),
+    )
+    assert sample.mask_type == "instances"
+    assert set(np.unique(sample.classes)) == {0, 1, 2}
+    assert sample.classes[8, 11] == 2 and sample.classes[8, 12] == 2

@@ -160,3 +160,41 @@ def _trained(folders, tmp_path):
     if not out.exists():
         _train(folders, out, TrainConfig(steps=2, tile=28, precision="fp32"))
     return out
+
+
+def test_sgd_momentum_resume_between_checkpoints_and_with_a_worker(disk_folders, tmp_path):
+    """The paper's optimizer; a stop between checkpoints; data from a worker process."""
+    config = TrainConfig(
+        steps=5,
+        tile=28,
+        optimizer="sgd",
+        lr=1e-3,
+        momentum=0.99,
+        seed=7,
+        checkpoint_every=4,
+        val_every=2,
+        precision="fp32",
+    )
+    _train(disk_folders, tmp_path / "a", config)
+    state = _train(disk_folders, tmp_path / "b", config, callback=lambda s: s.step < 3)
+    assert state.step == 3  # not a checkpoint step: the stop itself saves one
+    _train(disk_folders, tmp_path / "b", config, resume=True)
+    with_worker = TrainConfig(**{**config.__dict__, "num_workers": 1})
+    _train(disk_folders, tmp_path / "c", with_worker)
+    a, b, c = (load_model(tmp_path / x)[0] for x in "abc")
+    for name, pa in a.state_dict().items():
+        assert torch.equal(pa, b.state_dict()[name]), name
+        assert torch.equal(pa, c.state_dict()[name]), name
+
+
+def test_resume_refuses_a_checkpoint_torn_between_steps(disk_folders, tmp_path):
+    from biounet.errors import BiounetError
+    from biounet.io import save_tensors
+
+    config = TrainConfig(steps=4, tile=28, checkpoint_every=2, precision="fp32")
+    _train(disk_folders, tmp_path / "a", config, callback=lambda s: s.step < 2)
+    last = tmp_path / "a" / "checkpoints" / "last"
+    model, _ = load_model(tmp_path / "a")
+    save_tensors(last / "model.safetensors", model.state_dict(), metadata={"step": "1"})
+    with pytest.raises(BiounetError, match="killed while saving"):
+        _train(disk_folders, tmp_path / "a", config, resume=True)

@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="px, std of the 3x3 control-point displacements (default 10; 0 = off)",
     )
-    q.add_argument("--steps", type=int, default=2000)
+    q.add_argument(
+        "--steps", type=int, help="training steps (default 2000; with --resume: the stored)"
+    )
     q.add_argument(
         "--max-minutes", type=float, help="wall-clock budget: stop at --steps or after this"
     )
@@ -136,7 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--val-every", type=int, default=200)
     q.add_argument("--checkpoint-every", type=int, default=200)
-    q.add_argument("--workers", type=int, default=0, help="data loader processes")
+    q.add_argument(
+        "--workers",
+        type=int,
+        help="data loader processes for augmentation and weights (default: 0 on <= 2 cores, "
+        "where a worker competes with the compute threads; else up to 4)",
+    )
     q.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     q.set_defaults(func=cmd_train)
 
@@ -187,11 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=1, help="tiles per forward pass")
     q.add_argument(
         "--output",
-        choices=("mask", "prob"),
+        choices=("mask", "prob", "instances"),
         default="mask",
-        help="mask: uint8 class TIFF; prob: float32 TIFF, one plane per class",
+        help="mask: uint8 class TIFF; prob: float32 TIFF, one plane per class; instances: "
+        "uint16 labels 1..N (touching cells separated as the model config says)",
     )
     q.add_argument("--overlay", action="store_true", help="also write STEM_overlay.png")
+    q.add_argument(
+        "--stream",
+        action="store_true",
+        help="read and write TIFF masks tile by tile whatever their size (automatic above "
+        "16 megapixels): memory stays flat for images of any size",
+    )
     q.add_argument(
         "--tta",
         action="store_true",
@@ -271,6 +285,8 @@ def _data_config(args: argparse.Namespace):
 
     augment = None
     if not getattr(args, "no_augment", True):
+        if args.elastic_std < 0:
+            raise BiounetError("--elastic-std must be >= 0")
         augment = AugmentConfig(elastic=args.elastic_std > 0, elastic_std=args.elastic_std)
     return DataConfig(
         mask_type=args.mask_type,
@@ -340,7 +356,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from biounet.bundle import load_model
-    from biounet.tiling import min_tile
+    from biounet.tiling import valid_tiles
 
     model, info = load_model(args.model_dir)
     net = info.net
@@ -348,12 +364,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"parameters: {model.num_parameters():,}")
     print(f"conv layers: {model.num_conv_layers()}")
     print(f"margin per side: {net.margin} px")
-    out = min_tile(net)
-    tiles = []
-    while len(tiles) < 6:
-        if net.padding == "same" or net.is_valid_output(out):
-            tiles.append(f"{out + 2 * net.margin}->{out}")
-        out += 1
+    tiles = [f"{t_in}->{t_out}" for t_in, t_out in valid_tiles(net, 6)]
     print(f"valid tiles (input->output): {', '.join(tiles)}, ... every {net.size_step} px")
     return 0
 
@@ -370,8 +381,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         in_channels = read_image(list_images(images)[0]).shape[0]
     info = _model_info(args, in_channels or 1)
     lr = args.lr if args.lr is not None else 0.001
+    workers = args.workers
+    if workers is None:
+        workers = 0 if (os.cpu_count() or 1) <= 2 else min(4, (os.cpu_count() or 1) - 2)
+    if workers < 0:
+        raise BiounetError("--workers must be >= 0")
     config = TrainConfig(
-        steps=args.steps,
+        steps=args.steps or 2000,
         batch_size=args.batch_size,
         tile=args.tile,
         optimizer=args.optimizer,
@@ -381,13 +397,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         val_every=args.val_every,
         checkpoint_every=args.checkpoint_every,
-        num_workers=args.workers,
+        num_workers=workers,
         precision=args.precision,
         max_minutes=args.max_minutes,
     )
     info = info.replace(weights_dtype=args.save_dtype)
     data = _data_config(args)
-    bar = tqdm(total=args.steps, unit="step", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=config.steps, unit="step", dynamic_ncols=True, disable=None)
 
     def on_step(s) -> None:
         bar.total = s.steps
@@ -411,6 +427,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             val_fraction=args.val_fraction,
             init=args.init,
             resume=args.resume,
+            resume_overrides={
+                k: v for k, v in (("steps", args.steps), ("max_minutes", args.max_minutes)) if v
+            },
             callback=on_step,
             command=_command_line(args),
         )
@@ -473,6 +492,8 @@ def cmd_augment(args: argparse.Namespace) -> int:
             f"{args.mask}: mask size {mask.shape} differs from image {image.shape[1:]}"
         )
     classes, _, _ = mask_to_classes(mask, args.mask, args.mask_type, args.classes, args.foreground)
+    if args.elastic_std < 0:
+        raise BiounetError("--elastic-std must be >= 0")
     augment = AugmentConfig(elastic=args.elastic_std > 0, elastic_std=args.elastic_std)
     rng = np.random.default_rng(args.seed)
     examples = [(image, classes), *augment_examples(image, classes, rng, args.count, augment)]
@@ -487,6 +508,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from biounet.predict import PredictConfig, predict_files
 
+    if args.stream and (args.output != "mask" or args.tta or args.overlay):
+        raise BiounetError(
+            "--stream writes masks only: drop --output prob/instances, --tta "
+            "and --overlay, or drop --stream"
+        )
     config = PredictConfig(
         tile=args.tile,
         batch_size=args.batch_size,
@@ -494,6 +520,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         output=args.output,
         overlay=args.overlay,
         tta=args.tta,
+        **({"stream_pixels": 0} if args.stream else {}),
     )
     bar = tqdm(unit="tile", dynamic_ncols=True, disable=None, leave=False)
 

@@ -101,7 +101,8 @@ class Sample:
     image: np.ndarray  # (C, H, W) float32
     classes: np.ndarray  # (H, W) int64
     weights: np.ndarray  # (H, W) float32
-    instances: np.ndarray | None = None  # (H, W) int32 object ids, where the mask has them
+    instances: np.ndarray | None = None  # (H, W) int32 cells (carved where they touched)
+    mask_type: str = "binary"  # as stored or detected: binary, instances or classes
 
 
 def load_sample(
@@ -119,12 +120,12 @@ def load_sample(
             f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image "
             f"{image_path.name} is {image.shape[1]}x{image.shape[2]}; they must be the same size"
         )
-    classes, instances, _ = mask_to_classes(
+    classes, instances, mask_type = mask_to_classes(
         mask, mask_path, config.mask_type, net.num_classes, config.foreground
     )
     classes, instances = targets(classes, instances, net.num_classes, config, mask_path)
     weights = weight_map(classes, instances, net.num_classes, config)
-    return Sample(image_path.stem, normalize(image, norm), classes, weights, instances)
+    return Sample(image_path.stem, normalize(image, norm), classes, weights, instances, mask_type)
 
 
 def mask_weights(

@@ -29,13 +29,15 @@ WEIGHTS_NAME = "weights.safetensors"
 
 
 def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    return (
+        path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    )
 
 
 def list_images(folder: Path) -> list[Path]:
     """Image files directly in `folder`, sorted by name."""
     if not folder.exists():
-        raise BiounetError(f"{folder}: no such folder")
+        raise BiounetError(f"{folder}: no such folder; check the path")
     if not folder.is_dir():
         raise BiounetError(f"{folder}: not a folder")
     files = sorted(p for p in folder.iterdir() if is_image_file(p))
@@ -127,6 +129,76 @@ def read_image(path: Path, in_channels: int | None = None) -> np.ndarray:
     return arr
 
 
+class LazyImage:
+    """A TIFF on disk seen as a channels-first ``(C, H, W)`` array that reads on slicing.
+
+    Uncompressed contiguous TIFFs are memory-mapped; tiled or compressed ones are read
+    through tifffile's zarr store, chunk by chunk. Only basic slicing of the last two axes
+    (``image[..., r0:r1, c0:c1]``) is supported, which is all overlap-tile prediction needs.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise BiounetError(f"{path}: no such file")
+        if path.suffix.lower() not in (".tif", ".tiff"):
+            raise BiounetError(f"{path}: streaming reads TIFF files only; convert it to TIFF")
+        try:
+            data = tifffile.memmap(path, mode="r")
+        except Exception:  # compressed or tiled: tifffile raises various errors here
+            try:
+                import zarr
+
+                data = zarr.open(tifffile.imread(path, aszarr=True), mode="r")
+            except Exception as exc:
+                raise BiounetError(
+                    f"{path}: cannot be read as a TIFF ({exc.__class__.__name__}); is it complete?"
+                ) from None
+        shape = tuple(s for s in data.shape)
+        if len(shape) == 2:
+            self.channels_last = False
+            self.shape = (1, *shape)
+        elif len(shape) == 3 and shape[-1] <= 4 < shape[0]:
+            self.channels_last = True
+            self.shape = (shape[2], shape[0], shape[1])
+        elif len(shape) == 3 and shape[0] <= 4:
+            self.channels_last = False
+            self.shape = shape
+        else:
+            raise BiounetError(f"{path}: has shape {shape}; expected one 2-D (multi-channel) image")
+        self.path, self.data, self.dtype = path, data, np.dtype(data.dtype)
+
+    def __getitem__(self, key) -> np.ndarray:
+        if not (isinstance(key, tuple) and len(key) == 3 and key[0] is Ellipsis):
+            raise TypeError("LazyImage supports image[..., rows, cols] only")
+        rows, cols = key[1], key[2]
+        if self.channels_last:
+            return np.moveaxis(np.asarray(self.data[rows, cols, :]), -1, 0)
+        if len(self.data.shape) == 2:
+            return np.asarray(self.data[rows, cols])[None]
+        return np.asarray(self.data[:, rows, cols])
+
+    def sample(self, max_pixels: int = 4_000_000) -> np.ndarray:
+        """A regular subsample (every k-th row and column), for intensity statistics."""
+        _, height, width = self.shape
+        step = max(1, int(np.ceil(np.sqrt(height * width / max_pixels))))
+        rows = [self[..., r : r + 1, :][:, :, ::step] for r in range(0, height, step)]
+        return np.concatenate(rows, axis=1)
+
+
+def image_pixels(path: Path) -> int:
+    """Pixels per plane of an image file, from its header where possible (no full read)."""
+    path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        try:
+            with tifffile.TiffFile(path) as tif:
+                shape = tif.series[0].shape
+            return int(np.prod(sorted(shape)[-2:]))
+        except Exception:  # unreadable: the regular reader will say why
+            return 0
+    return 0
+
+
 def read_mask(path: Path) -> np.ndarray:
     """Read a 2-D mask as stored (binary, class indices or instance labels)."""
     arr = _squeeze(read_array(path))
@@ -200,10 +272,10 @@ def mask_to_classes(
         )
         return classes, None, mask_type
     if mask_type == "instances":
-        if num_classes != 2:
+        if num_classes not in (2, 3):
             raise BiounetError(
-                f"{path}: instance masks train 2-class models (background, object); "
-                f"the model has {num_classes} classes"
+                f"{path}: instance masks train 2-class models (background, cell) or 3-class "
+                f"ones (with --touching class); the model has {num_classes} classes"
             )
         if values.min() < 0:
             raise BiounetError(f"{path}: instance labels must be >= 0")
@@ -229,16 +301,22 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds."""
     path = Path(path)
     ensure_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=".part" + path.suffix, dir=path.parent
-    )
+    # A dot-name ending in .part: never listed as an input if a kill leaves it behind.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def ensure_dir(folder: Path) -> Path:
@@ -310,6 +388,19 @@ def load_tensors(path: Path) -> dict:
         raise BiounetError(
             f"{path}: corrupt weights file ({str(exc)[:100]}); re-save or re-download the model"
         ) from None
+
+
+def tensor_metadata(path: Path) -> dict:
+    """The string metadata stored in a safetensors file's header."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise BiounetError(f"{path}: no such file; the model directory is incomplete")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BiounetError(f"{path}: corrupt tensors file ({str(exc)[:100]})") from None
 
 
 # -- model directories -------------------------------------------------------------------

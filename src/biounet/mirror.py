@@ -38,7 +38,9 @@ def mirror_crop(image: np.ndarray, y0: int, x0: int, h: int, w: int) -> np.ndarr
 
     Parameters
     ----------
-    image : ndarray, shape (..., H, W)
+    image : array-like, shape (..., H, W)
+        A numpy array, memory map or any array that supports basic slicing (zarr): only the
+        rows and columns the window needs are read.
     y0, x0 : int
         Top-left corner of the window; may lie outside the image.
     h, w : int
@@ -53,4 +55,6 @@ def mirror_crop(image: np.ndarray, y0: int, x0: int, h: int, w: int) -> np.ndarr
         return np.array(image[..., y0 : y0 + h, x0 : x0 + w])
     rows = mirror_indices(y0, y0 + h, height)
     cols = mirror_indices(x0, x0 + w, width)
-    return np.take(np.take(image, rows, axis=-2), cols, axis=-1)
+    r0, c0 = int(rows.min()), int(cols.min())
+    block = np.asarray(image[..., r0 : int(rows.max()) + 1, c0 : int(cols.max()) + 1])
+    return np.take(np.take(block, rows - r0, axis=-2), cols - c0, axis=-1)

@@ -60,13 +60,41 @@ def normalize(image: np.ndarray, config: NormalizeConfig) -> np.ndarray:
     -------
     ndarray of float32, shape (C, H, W)
     """
+    offset, scale = normalization_params(image, config)
+    return apply_normalization(image, offset, scale)
+
+
+def normalization_params(
+    image: np.ndarray, config: NormalizeConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel ``(offset, scale)`` such that normalised = (x - offset) / scale.
+
+    Parameters
+    ----------
+    image : ndarray, shape (C, H, W)
+        The image, or a representative subsample of it (for images too large to hold).
+
+    Returns
+    -------
+    offset, scale : ndarray of float32, shape (C,)
+    """
+    channels = image.shape[0]
     if config.method == "dtype" and np.issubdtype(image.dtype, np.integer):
-        return image.astype(np.float32) / np.float32(np.iinfo(image.dtype).max)
-    x = image.astype(np.float32)
+        return np.zeros(channels, np.float32), np.full(
+            channels, np.iinfo(image.dtype).max, np.float32
+        )
     if config.method != "percentile":
-        return x
-    flat = x.reshape(x.shape[0], -1)
+        return np.zeros(channels, np.float32), np.ones(channels, np.float32)
+    flat = image.reshape(channels, -1)
     lo, hi = np.percentile(flat, [config.low, config.high], axis=1)
     # A flat channel (hi == lo) would divide by zero; it carries no contrast, so map it to 0.
-    scale = np.where(hi > lo, hi - lo, 1.0).astype(np.float32)
-    return (x - lo[:, None, None].astype(np.float32)) / scale[:, None, None]
+    scale = np.where(hi > lo, hi - lo, 1.0)
+    return lo.astype(np.float32), scale.astype(np.float32)
+
+
+def apply_normalization(image: np.ndarray, offset: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """(image - offset) / scale per channel, float32 (C, H, W)."""
+    x = image.astype(np.float32)
+    x -= offset[:, None, None]
+    x /= scale[:, None, None]
+    return x

@@ -101,3 +101,25 @@ def augment_grid(examples: list[tuple[np.ndarray, np.ndarray]], columns: int = 4
         ax.imshow(rgb, interpolation="nearest")
     fig.tight_layout()
     return fig
+
+
+def instance_overlay(image: np.ndarray, labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Contours of each instance in a random colour over a gray image.
+
+    Parameters
+    ----------
+    image : ndarray, shape (H, W), uint8
+    labels : ndarray, shape (H, W), integer instance ids (0 = background)
+
+    Returns
+    -------
+    ndarray of uint8, shape (H, W, 3)
+    """
+    from skimage.segmentation import find_boundaries
+
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(60, 256, (int(labels.max()) + 1, 3)).astype(np.uint8)
+    rgb = np.repeat(image[..., None], 3, axis=-1)
+    edge = find_boundaries(labels, mode="inner") & (labels > 0)
+    rgb[edge] = colours[labels[edge]]
+    return rgb

@@ -9,19 +9,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tifffile
 import torch
 
 from biounet.bundle import ModelInfo, load_model
 from biounet.errors import BiounetError
+from biounet.instances import InstanceConfig, instances_from_probabilities
 from biounet.io import ensure_dir, is_image_file, list_images, read_image, write_png, write_tiff
+from biounet.mirror import mirror_crop
 from biounet.model import UNet
 from biounet.normalize import normalize
-from biounet.plots import overlay, to_uint8
+from biounet.plots import instance_overlay, overlay, to_uint8
 from biounet.precision import default_device, resolve_precision
 from biounet.tiling import model_forward, plan_tiles, predict_tiled
 
 log = logging.getLogger(__name__)
-OUTPUTS = ("mask", "prob")
+OUTPUTS = ("mask", "prob", "instances")
 
 
 @dataclass(frozen=True)
@@ -35,15 +38,22 @@ class PredictConfig:
     batch_size : int
         Tiles per forward pass.
     precision : {"auto", "fp32", "bf16", "fp16"}
-    output : {"mask", "prob"}
-        "mask": uint8 class indices; "prob": float32 softmax, one plane per class.
+    output : {"mask", "prob", "instances"}
+        "mask": uint8 class indices; "prob": float32 softmax, one plane per class;
+        "instances": uint16 labels 1..N (uint32 beyond 65535 objects), post-processed as the
+        model's config says (`instance_config`).
     overlay : bool
-        Also write ``STEM_overlay.png``: the mask in colour over the image.
+        Also write ``STEM_overlay.png``: the mask in colour (instances: their contours in
+        random colours) over the image.
     halo : int, optional
-        Discarded tile border for the padded ("same") variant (default: receptive radius).
+        Discarded tile border for the padded ("same") variant (default: receptive radius
+        + 2 px, which makes tiling exact).
     tta : bool
         Test-time augmentation: average the probabilities over the 8 rotations/flips of the
         image (the paper averaged over rotated versions of the input). 8x the compute.
+    stream_pixels : int
+        TIFF inputs with more pixels than this, predicted as masks, are read and written tile
+        by tile (`predict_large`), so memory does not grow with the image.
     """
 
     tile: int | None = None
@@ -53,6 +63,7 @@ class PredictConfig:
     overlay: bool = False
     halo: int | None = None
     tta: bool = False
+    stream_pixels: int = 16 * 2**20  # TIFF masks larger than this stream tile by tile
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUTS:
@@ -127,9 +138,111 @@ def predict_array(
     return np.ascontiguousarray(total / len(views), dtype=np.float32)
 
 
+def predict_large(
+    model: UNet,
+    info: ModelInfo,
+    path: Path,
+    target: Path,
+    config: PredictConfig,
+    device: torch.device | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Class mask of a TIFF of any size, read and written tile by tile.
+
+    The input is memory-mapped or read chunk-wise (`LazyImage`); normalisation statistics come
+    from a regular subsample of ~4 megapixels (percentiles of a subsample differ from the full
+    image's by sampling noise only); the output is a zlib-compressed tiled TIFF whose tiles are
+    the stride blocks of overlap-tile prediction, written in order as they are computed.
+    Memory: the tile batch plus one row of output tiles.
+    """
+    from biounet.io import LazyImage, atomic_path
+    from biounet.normalize import apply_normalization, normalization_params
+
+    device = device or default_device()
+    precision = resolve_precision(config.precision, device)
+    forward = model_forward(model.to(device), precision, device)
+    src = LazyImage(path)
+    if src.shape[0] != info.net.in_channels:
+        raise BiounetError(
+            f"{path}: has {src.shape[0]} channel(s) but the model expects {info.net.in_channels}"
+        )
+    offset, scale = normalization_params(src.sample(), info.normalization)
+    _, height, width = src.shape
+    plan = plan_tiles(info.net, (height, width), config.tile, config.halo)
+    # TIFF tiles must be multiples of 16 px; any multiple of 16 is on the pooling grid of a
+    # depth <= 4 network, and deeper networks' strides are multiples of 16 already.
+    ty, tx = plan.y.stride // 16 * 16, plan.x.stride // 16 * 16
+    if min(ty, tx) < 16:
+        raise BiounetError("streaming needs output tiles of at least 16 px; use a larger --tile")
+    rows, cols = range(0, height, ty), range(0, width, tx)
+    total = len(rows) * len(cols)
+
+    def tiles():
+        done = 0
+        for oy in rows:
+            windows = [
+                apply_normalization(
+                    mirror_crop(
+                        src,
+                        oy - plan.y.context,
+                        ox - plan.x.context,
+                        plan.y.tile_in,
+                        plan.x.tile_in,
+                    ),
+                    offset,
+                    scale,
+                )
+                for ox in cols
+            ]
+            for b in range(0, len(windows), config.batch_size):
+                logits = forward(np.stack(windows[b : b + config.batch_size]))
+                for tile in logits:
+                    block = np.zeros((ty, tx), np.uint8)
+                    block[:] = tile[
+                        :, plan.y.crop : plan.y.crop + ty, plan.x.crop : plan.x.crop + tx
+                    ].argmax(0)
+                    yield block
+                done += len(logits)
+                if progress is not None:
+                    progress(done, total)
+
+    with atomic_path(target) as tmp:
+        tifffile.imwrite(
+            tmp,
+            data=tiles(),
+            shape=(height, width),
+            dtype=np.uint8,
+            tile=(ty, tx),
+            compression="zlib",
+            photometric="minisblack",
+        )
+
+
 def dihedral_views() -> list[tuple[int, bool]]:
     """The 8 rotations by multiples of 90 degrees, each with and without a mirror flip."""
     return [(k, flip) for k in range(4) for flip in (False, True)]
+
+
+def _streams(path: Path, config: PredictConfig) -> bool:
+    """Large TIFF, plain masks: read and write tile by tile."""
+    from biounet.io import image_pixels
+
+    return (
+        config.output == "mask"
+        and not config.tta
+        and not config.overlay
+        and image_pixels(path) > config.stream_pixels
+    )
+
+
+def instance_config(info: ModelInfo) -> InstanceConfig:
+    """The model's stored post-processing, else a default for its number of classes."""
+    stored = (info.postprocess or {}).get("instances")
+    if stored is not None:
+        return InstanceConfig(**stored)
+    if info.net.num_classes == 3:
+        return InstanceConfig(border_class=2, expand=0)
+    return InstanceConfig()
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -159,22 +272,40 @@ def predict_files(
     resolve_precision(config.precision, device or default_device())
     if config.tile is not None:
         plan_tiles(info.net, (1, 1), config.tile, config.halo)  # refuse a bad tile up front
+    inputs_resolved = {f.resolve() for f in files}
     for f in files:
-        read_image(f, info.net.in_channels)
+        if (Path(out_dir) / f"{f.stem}.tif").resolve() in inputs_resolved:
+            raise BiounetError(
+                f"{f}: its output {Path(out_dir) / (f.stem + '.tif')} would overwrite an input; "
+                "choose another --out folder"
+            )
+        if not _streams(f, config):
+            read_image(f, info.net.in_channels)
     ensure_dir(Path(out_dir))
     written = []
     for i, f in enumerate(files):
         if on_file is not None:
             on_file(f, i, len(files))
+        target = Path(out_dir) / f"{f.stem}.tif"
+        if _streams(f, config):
+            predict_large(model, info, f, target, config, device, progress)
+            written.append(target)
+            continue
         image = read_image(f, info.net.in_channels)
         probs = predict_array(model, info, image, config, device, progress)
-        target = Path(out_dir) / f"{f.stem}.tif"
         classes = probs.argmax(0).astype(np.uint8)
-        write_tiff(target, classes if config.output == "mask" else probs)
+        gray = to_uint8(normalize(image, info.normalization))
+        if config.output == "instances":
+            labels = instances_from_probabilities(probs, instance_config(info))
+            write_tiff(target, labels.astype(np.uint16 if labels.max() < 2**16 else np.uint32))
+            picture = instance_overlay(gray, labels)
+        else:
+            write_tiff(target, classes if config.output == "mask" else probs)
+            picture = overlay(gray, classes)
         written.append(target)
         if config.overlay:
             png = Path(out_dir) / f"{f.stem}_overlay.png"
-            write_png(png, overlay(to_uint8(normalize(image, info.normalization)), classes))
+            write_png(png, picture)
             written.append(png)
         log.info("wrote %s", target)
     return written

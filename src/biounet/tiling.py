@@ -81,6 +81,16 @@ def default_halo(config: UNetConfig) -> int:
     return config.receptive_radius + 2
 
 
+def valid_tiles(config: UNetConfig, count: int, halo: int | None = None) -> list[tuple[int, int]]:
+    """The `count` smallest usable tiles as (input side, output side) pairs."""
+    tiles, request = [], min_tile(config, halo)
+    while len(tiles) < count:
+        axis = _snap_axis(config, request, config.size_step, halo, up=True)
+        tiles.append((axis.tile_in, axis.tile_out))
+        request = axis.tile_out + 1
+    return tiles
+
+
 def min_tile(config: UNetConfig, halo: int | None = None) -> int:
     """Smallest output tile size usable for seamless tiling (at least one pooling period)."""
     return _snap_axis(config, config.size_step, config.size_step, halo, up=True).tile_out

@@ -3,7 +3,7 @@
 Model directory layout written here::
 
     MODEL_DIR/config.json            architecture, classes, normalisation, how it was trained
-    MODEL_DIR/weights.safetensors    best weights by validation loss (latest without validation)
+    MODEL_DIR/weights.safetensors    best weights by validation Dice (latest without validation)
     MODEL_DIR/training.csv           one row per logged step
     MODEL_DIR/curves.png             loss curves
     MODEL_DIR/checkpoints/last/      weights, optimizer state (safetensors) and state.json
@@ -37,6 +37,7 @@ from biounet.data import (
     tile_geometry,
 )
 from biounet.errors import BiounetError
+from biounet.instances import InstanceConfig
 from biounet.io import (
     atomic_path,
     ensure_dir,
@@ -46,6 +47,7 @@ from biounet.io import (
     pair_by_stem,
     read_json,
     save_tensors,
+    tensor_metadata,
     write_json,
 )
 from biounet.losses import weighted_cross_entropy
@@ -116,7 +118,7 @@ class StepInfo:
 @dataclass
 class TrainState:
     step: int = 0
-    best_val_loss: float = math.inf
+    best_val_dice: float = -math.inf
     elapsed_s: float = 0.0
     history: list[dict] = field(default_factory=list)
 
@@ -203,6 +205,8 @@ def fit(
         num_workers=config.num_workers,
         persistent_workers=False,
     )
+    # fp16 gradients underflow without loss scaling; a disabled scaler is a no-op otherwise.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     model.train()
     running: list[float] = []
     tiles_seen, t_window = 0, time.perf_counter()
@@ -219,8 +223,10 @@ def fit(
                 logits = model(image)
             loss = weighted_cross_entropy(logits, target, weight)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            state.step = step  # weights and optimizer now belong to `step` (for Ctrl-C saves)
             running.append(loss.item())
             tiles_seen += image.shape[0]
 
@@ -248,8 +254,10 @@ def fit(
                 running.clear()
                 tiles_seen, t_window = 0, now
                 log.info("step %d loss %.4f", step, row["loss"])
-            if val is not None and val["loss"] < state.best_val_loss:
-                state.best_val_loss = val["loss"]
+            # Select on validation Dice, not loss: the weighted loss rises with the border
+            # term's emphasis even while masks improve (seen on ISBI 2012).
+            if val is not None and val["dice"] > state.best_val_dice:
+                state.best_val_dice = val["dice"]
                 if is_main:
                     save_model(out_dir, model, info)
             state.step = step
@@ -285,7 +293,7 @@ def _save_all(
     has_val: bool,
 ) -> None:
     save_checkpoint(out_dir, model, optimizer, state, config)
-    if not has_val or not math.isfinite(state.best_val_loss):
+    if not has_val or not math.isfinite(state.best_val_dice):
         save_model(out_dir, model, info)
     history = _read_csv(out_dir / "training.csv")
     if history:
@@ -336,7 +344,9 @@ def save_checkpoint(
 ) -> None:
     """Weights and optimizer state as safetensors, the rest as JSON; state.json written last."""
     folder = ensure_dir(out_dir / "checkpoints" / "last")
-    save_tensors(folder / "model.safetensors", model.state_dict())
+    # Each file is atomic, the set is not: every file carries its step, checked on resume.
+    stamp = {"step": str(state.step)}
+    save_tensors(folder / "model.safetensors", model.state_dict(), metadata=stamp)
     tensors, scalars = {}, {}
     opt_state = optimizer.state_dict()
     for idx, entries in opt_state["state"].items():
@@ -345,12 +355,12 @@ def save_checkpoint(
                 tensors[f"{idx}.{key}"] = value
             else:
                 scalars.setdefault(str(idx), {})[key] = value
-    save_tensors(folder / "optimizer.safetensors", tensors)
+    save_tensors(folder / "optimizer.safetensors", tensors, metadata=stamp)
     write_json(
         folder / "state.json",
         {
             "step": state.step,
-            "best_val_loss": _finite_or_none(state.best_val_loss),
+            "best_val_dice": _finite_or_none(state.best_val_dice),
             "elapsed_s": state.elapsed_s,
             "train_config": asdict(config),
             "optimizer": {"param_groups": opt_state["param_groups"], "scalars": scalars},
@@ -368,6 +378,13 @@ def read_checkpoint_config(out_dir: Path) -> dict:
 def load_checkpoint(out_dir: Path, model: UNet, optimizer: torch.optim.Optimizer) -> TrainState:
     folder = out_dir / "checkpoints" / "last"
     meta = read_json(folder / "state.json")
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        stamped = tensor_metadata(folder / name).get("step")
+        if stamped != str(meta["step"]):
+            raise BiounetError(
+                f"{folder / name}: holds step {stamped} but state.json step {meta['step']} "
+                "(training was killed while saving); delete checkpoints/ to restart"
+            )
     load_weights(model, folder / "model.safetensors")
     tensors = load_tensors(folder / "optimizer.safetensors")
     opt_state: dict = {"state": {}, "param_groups": meta["optimizer"]["param_groups"]}
@@ -379,10 +396,10 @@ def load_checkpoint(out_dir: Path, model: UNet, optimizer: torch.optim.Optimizer
     optimizer.load_state_dict(opt_state)
     step = int(meta["step"])
     _truncate_csv(out_dir / "training.csv", step)
-    best = meta.get("best_val_loss")
+    best = meta.get("best_val_dice")
     return TrainState(
         step=step,
-        best_val_loss=math.inf if best is None else best,
+        best_val_dice=-math.inf if best is None else best,
         elapsed_s=float(meta.get("elapsed_s", 0.0)),
     )
 
@@ -435,6 +452,7 @@ def train_from_folders(
     val_fraction: float = 0.2,
     init: Path | None = None,
     resume: bool = False,
+    resume_overrides: dict | None = None,
     callback: Callback | None = None,
     command: str | None = None,
     device: torch.device | None = None,
@@ -442,12 +460,12 @@ def train_from_folders(
     """Read image/mask folders (matched by file stem), then `fit`.
 
     Validation uses `val_images`/`val_masks` when given, else the last `val_fraction` of the
-    training files (a contiguous block).
+    training files (a contiguous block). With `resume`, the stored training and data settings
+    are used, except for the `TrainConfig` fields in `resume_overrides` (e.g. more steps).
     """
     out_dir = Path(out_dir)
     if resume:
-        stored = read_checkpoint_config(out_dir)
-        stored["steps"] = config.steps
+        stored = read_checkpoint_config(out_dir) | (resume_overrides or {})
         config = TrainConfig(**stored)
         info = ModelInfo.from_dict(read_json(out_dir / "config.json"), out_dir / "config.json")
         if info.training and info.training.get("data_config"):
@@ -459,20 +477,27 @@ def train_from_folders(
         )
     pairs = pair_by_stem(list_images(Path(images)), Path(masks))
     if val_images is not None:
-        val_pairs = pair_by_stem(list_images(Path(val_images)), Path(val_masks or val_images))
+        if val_masks is None:
+            raise BiounetError(f"{val_images}: validation images need --val-masks too")
+        val_pairs = pair_by_stem(list_images(Path(val_images)), Path(val_masks))
         train_pairs = pairs
     else:
         train_pairs, val_pairs = split_validation(pairs, val_fraction)
     if init is not None and not resume:
         model, init_info = load_model(Path(init))
-        info = init_info.replace(
-            normalization=info.normalization, training=None, weights_dtype=info.weights_dtype
-        )
+        info = init_info.replace(training=None, weights_dtype=info.weights_dtype)
     else:
         torch.manual_seed(config.seed)
         model = UNet(info.net)
     load = [load_sample(i, m, info.net, info.normalization, data) for i, m in train_pairs]
     val = [load_sample(i, m, info.net, info.normalization, data) for i, m in val_pairs]
+    if any(sample.mask_type == "instances" for sample in load):
+        # Trained on instance masks: `predict --output instances` needs no further flags.
+        post = InstanceConfig(
+            border_class=2 if data.touching == "class" else None,
+            expand=1 if data.touching == "background" else 0,
+        )
+        info = info.replace(postprocess={"instances": post.to_dict()})
     info = info.replace(
         training={
             "command": command,
@@ -500,7 +525,7 @@ def train_from_folders(
     )
     final = info.training | {
         "steps_done": state.step,
-        "best_val_loss": _finite_or_none(state.best_val_loss),
+        "best_val_dice": _finite_or_none(state.best_val_dice),
         "last": state.history[-1] if state.history else None,
     }
     info = info.replace(training=final)

@@ -1,0 +1,99 @@
+"""Peak memory (RSS) of `biounet predict` on synthetic uint8 TIFFs of growing size.
+
+Each size runs in a fresh child process that reports its own peak RSS (getrusage), so sizes
+do not contaminate each other. The input TIFFs are written tile by tile (never held whole),
+as a microscope or slide scanner would store them: tiled, zlib-compressed.
+
+Usage:  .venv/bin/python bench/memory.py [--model models/isbi2012] [--sizes 2048,4096,8192,16384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+
+def write_synthetic(path: Path, size: int, tile: int = 512) -> None:
+    """Smooth random texture, generated and written one tile at a time."""
+    rng = np.random.default_rng(size)
+
+    def tiles():
+        for _ in range(-((-size // tile) ** 2)):
+            yield rng.integers(0, 255, (tile, tile), dtype=np.uint8)
+
+    tifffile.imwrite(
+        path,
+        data=tiles(),
+        shape=(size, size),
+        dtype=np.uint8,
+        tile=(tile, tile),
+        compression="zlib",
+    )
+
+
+def child(model: str, image: str, out: str, precision: str) -> None:
+    from biounet.cli import main
+
+    t = time.perf_counter()
+    code = main(["predict", model, image, "--out", out, "--precision", precision, "--stream"])
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"code": code, "peak_rss_mb": peak_mb, "seconds": time.perf_counter() - t}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="models/isbi2012")
+    p.add_argument("--sizes", default="2048,4096,8192,16384")
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--child", nargs=3, metavar=("MODEL", "IMAGE", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(*args.child, args.precision)
+        return
+    print(
+        f"# {time.strftime('%F %H:%M')}, {platform.machine()}, model {args.model}, "
+        f"precision {args.precision}"
+    )
+    print("| image | input file MB | peak RSS MB | seconds | megapixels/s |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in (int(s) for s in args.sizes.split(",")):
+            image = Path(tmp) / f"synthetic_{size}.tif"
+            write_synthetic(image, size)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--precision",
+                    args.precision,
+                    "--child",
+                    args.model,
+                    str(image),
+                    str(Path(tmp) / "out"),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            mpix = size * size / 1e6
+            print(
+                f"| {size} x {size} | {image.stat().st_size / 1e6:.0f} | "
+                f"{r['peak_rss_mb']:.0f} | {r['seconds']:.1f} | {mpix / r['seconds']:.2f} |",
+                flush=True,
+            )
+            image.unlink()
+
+
+if __name__ == "__main__":
+    main()
