@@ -41,7 +41,7 @@ def test_streamed_prediction_equals_in_memory_prediction(tiny_model, tmp_path, c
 def test_lazy_image_reads_windows_and_layouts(tmp_path):
     rgb = np.random.default_rng(1).integers(0, 255, (40, 50, 3)).astype(np.uint8)
     tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
-    lazy = LazyImage(tmp_path / "rgb.tif")
-    assert lazy.shape == (3, 40, 50)
-    assert np.array_equal(lazy[..., 5:9, 10:20], np.moveaxis(rgb, -1, 0)[:, 5:9, 10:20])
-    assert lazy.sample(max_pixels=100).shape[1] <= 40
+    with LazyImage(tmp_path / "rgb.tif") as lazy:
+        assert lazy.shape == (3, 40, 50)
+        assert np.array_equal(lazy[..., 5:9, 10:20], np.moveaxis(rgb, -1, 0)[:, 5:9, 10:20])
+        assert lazy.sample(max_pixels=100).shape[1] <= 40

@@ -143,13 +143,15 @@ class LazyImage:
             raise BiounetError(f"{path}: no such file")
         if path.suffix.lower() not in (".tif", ".tiff"):
             raise BiounetError(f"{path}: streaming reads TIFF files only; convert it to TIFF")
+        self._store = None
         try:
             data = tifffile.memmap(path, mode="r")
         except Exception:  # compressed or tiled: tifffile raises various errors here
             try:
                 import zarr
 
-                data = zarr.open(tifffile.imread(path, aszarr=True), mode="r")
+                self._store = tifffile.imread(path, aszarr=True)
+                data = zarr.open(self._store, mode="r")
             except Exception as exc:
                 raise BiounetError(
                     f"{path}: cannot be read as a TIFF ({exc.__class__.__name__}); is it complete?"
@@ -167,6 +169,18 @@ class LazyImage:
         else:
             raise BiounetError(f"{path}: has shape {shape}; expected one 2-D (multi-channel) image")
         self.path, self.data, self.dtype = path, data, np.dtype(data.dtype)
+
+    def close(self) -> None:
+        """Release the file (the zarr store keeps it open)."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def __enter__(self) -> LazyImage:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __getitem__(self, key) -> np.ndarray:
         if not (isinstance(key, tuple) and len(key) == 3 and key[0] is Ellipsis):

@@ -161,61 +161,64 @@ def predict_large(
     device = device or default_device()
     precision = resolve_precision(config.precision, device)
     forward = model_forward(model.to(device), precision, device)
-    src = LazyImage(path)
-    if src.shape[0] != info.net.in_channels:
-        raise BiounetError(
-            f"{path}: has {src.shape[0]} channel(s) but the model expects {info.net.in_channels}"
-        )
-    offset, scale = normalization_params(src.sample(), info.normalization)
-    _, height, width = src.shape
-    plan = plan_tiles(info.net, (height, width), config.tile, config.halo)
-    # TIFF tiles must be multiples of 16 px; any multiple of 16 is on the pooling grid of a
-    # depth <= 4 network, and deeper networks' strides are multiples of 16 already.
-    ty, tx = plan.y.stride // 16 * 16, plan.x.stride // 16 * 16
-    if min(ty, tx) < 16:
-        raise BiounetError("streaming needs output tiles of at least 16 px; use a larger --tile")
-    rows, cols = range(0, height, ty), range(0, width, tx)
-    total = len(rows) * len(cols)
+    with LazyImage(path) as src:
+        if src.shape[0] != info.net.in_channels:
+            raise BiounetError(
+                f"{path}: has {src.shape[0]} channel(s) but the model expects "
+                f"{info.net.in_channels}"
+            )
+        offset, scale = normalization_params(src.sample(), info.normalization)
+        _, height, width = src.shape
+        plan = plan_tiles(info.net, (height, width), config.tile, config.halo)
+        # TIFF tiles must be multiples of 16 px; any multiple of 16 is on the pooling grid of a
+        # depth <= 4 network, and deeper networks' strides are multiples of 16 already.
+        ty, tx = plan.y.stride // 16 * 16, plan.x.stride // 16 * 16
+        if min(ty, tx) < 16:
+            raise BiounetError(
+                "streaming needs output tiles of at least 16 px; use a larger --tile"
+            )
+        rows, cols = range(0, height, ty), range(0, width, tx)
+        total = len(rows) * len(cols)
 
-    def tiles():
-        done = 0
-        for oy in rows:
-            windows = [
-                apply_normalization(
-                    mirror_crop(
-                        src,
-                        oy - plan.y.context,
-                        ox - plan.x.context,
-                        plan.y.tile_in,
-                        plan.x.tile_in,
-                    ),
-                    offset,
-                    scale,
-                )
-                for ox in cols
-            ]
-            for b in range(0, len(windows), config.batch_size):
-                logits = forward(np.stack(windows[b : b + config.batch_size]))
-                for tile in logits:
-                    block = np.zeros((ty, tx), np.uint8)
-                    block[:] = tile[
-                        :, plan.y.crop : plan.y.crop + ty, plan.x.crop : plan.x.crop + tx
-                    ].argmax(0)
-                    yield block
-                done += len(logits)
-                if progress is not None:
-                    progress(done, total)
+        def tiles():
+            done = 0
+            for oy in rows:
+                windows = [
+                    apply_normalization(
+                        mirror_crop(
+                            src,
+                            oy - plan.y.context,
+                            ox - plan.x.context,
+                            plan.y.tile_in,
+                            plan.x.tile_in,
+                        ),
+                        offset,
+                        scale,
+                    )
+                    for ox in cols
+                ]
+                for b in range(0, len(windows), config.batch_size):
+                    logits = forward(np.stack(windows[b : b + config.batch_size]))
+                    for tile in logits:
+                        block = np.zeros((ty, tx), np.uint8)
+                        block[:] = tile[
+                            :, plan.y.crop : plan.y.crop + ty, plan.x.crop : plan.x.crop + tx
+                        ].argmax(0)
+                        yield block
+                    done += len(logits)
+                    if progress is not None:
+                        progress(done, total)
 
-    with atomic_path(target) as tmp:
-        tifffile.imwrite(
-            tmp,
-            data=tiles(),
-            shape=(height, width),
-            dtype=np.uint8,
-            tile=(ty, tx),
-            compression="zlib",
-            photometric="minisblack",
-        )
+        with atomic_path(target) as tmp:
+            tifffile.imwrite(
+                tmp,
+                data=tiles(),
+                shape=(height, width),
+                dtype=np.uint8,
+                tile=(ty, tx),
+                compression="zlib",
+                photometric="minisblack",
+            )
 
 
 def dihedral_views() -> list[tuple[int, bool]]:
