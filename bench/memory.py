@@ -28,7 +28,8 @@ def write_synthetic(path: Path, size: int, tile: int = 512) -> None:
     rng = np.random.default_rng(size)
 
     def tiles():
-        for _ in range(-((-size // tile) ** 2)):
+        tiles_per_side = -(-size // tile)
+        for _ in range(tiles_per_side * tiles_per_side):
             yield rng.integers(0, 255, (tile, tile), dtype=np.uint8)
 
     tifffile.imwrite(

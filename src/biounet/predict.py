@@ -153,7 +153,7 @@ def predict_large(
     from a regular subsample of ~4 megapixels (percentiles of a subsample differ from the full
     image's by sampling noise only); the output is a zlib-compressed tiled TIFF whose tiles are
     the stride blocks of overlap-tile prediction, written in order as they are computed.
-    Memory: the tile batch plus one row of output tiles.
+    Memory: one batch of tiles, whatever the image size.
     """
     from biounet.io import LazyImage, atomic_path
     from biounet.normalize import apply_normalization, normalization_params
@@ -180,30 +180,24 @@ def predict_large(
         rows, cols = range(0, height, ty), range(0, width, tx)
         total = len(rows) * len(cols)
 
+        def window(oy: int, ox: int) -> np.ndarray:
+            y0, x0 = oy - plan.y.context, ox - plan.x.context
+            crop = mirror_crop(src, y0, x0, plan.y.tile_in, plan.x.tile_in)
+            return apply_normalization(crop, offset, scale)
+
         def tiles():
             done = 0
             for oy in rows:
-                windows = [
-                    apply_normalization(
-                        mirror_crop(
-                            src,
-                            oy - plan.y.context,
-                            ox - plan.x.context,
-                            plan.y.tile_in,
-                            plan.x.tile_in,
-                        ),
-                        offset,
-                        scale,
-                    )
-                    for ox in cols
-                ]
-                for b in range(0, len(windows), config.batch_size):
-                    logits = forward(np.stack(windows[b : b + config.batch_size]))
+                # Read only one batch of windows at a time: memory follows the batch.
+                for b in range(0, len(cols), config.batch_size):
+                    batch = [window(oy, ox) for ox in cols[b : b + config.batch_size]]
+                    logits = forward(np.stack(batch))
                     for tile in logits:
-                        block = np.zeros((ty, tx), np.uint8)
-                        block[:] = tile[
+                        kept = tile[
                             :, plan.y.crop : plan.y.crop + ty, plan.x.crop : plan.x.crop + tx
-                        ].argmax(0)
+                        ]
+                        block = np.zeros((ty, tx), np.uint8)
+                        block[:] = kept.argmax(0)
                         yield block
                     done += len(logits)
                     if progress is not None:
