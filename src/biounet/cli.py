@@ -279,15 +279,20 @@ def _weight_flags(q: argparse.ArgumentParser) -> None:
     )
 
 
-def _data_config(args: argparse.Namespace):
+def _augment_config(args: argparse.Namespace):
     from biounet.augment import AugmentConfig
+
+    if args.elastic_std < 0:
+        raise BiounetError("--elastic-std must be >= 0")
+    return AugmentConfig(elastic=args.elastic_std > 0, elastic_std=args.elastic_std)
+
+
+def _data_config(args: argparse.Namespace):
     from biounet.data import DataConfig
 
     augment = None
     if not getattr(args, "no_augment", True):
-        if args.elastic_std < 0:
-            raise BiounetError("--elastic-std must be >= 0")
-        augment = AugmentConfig(elastic=args.elastic_std > 0, elastic_std=args.elastic_std)
+        augment = _augment_config(args)
     return DataConfig(
         mask_type=args.mask_type,
         foreground=args.foreground,
@@ -477,7 +482,6 @@ def cmd_weights(args: argparse.Namespace) -> int:
 def cmd_augment(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from biounet.augment import AugmentConfig
     from biounet.data import augment_examples
     from biounet.io import atomic_path, mask_to_classes, read_image, read_mask
     from biounet.normalize import NormalizeConfig, normalize
@@ -492,9 +496,7 @@ def cmd_augment(args: argparse.Namespace) -> int:
             f"{args.mask}: mask size {mask.shape} differs from image {image.shape[1:]}"
         )
     classes, _, _ = mask_to_classes(mask, args.mask, args.mask_type, args.classes, args.foreground)
-    if args.elastic_std < 0:
-        raise BiounetError("--elastic-std must be >= 0")
-    augment = AugmentConfig(elastic=args.elastic_std > 0, elastic_std=args.elastic_std)
+    augment = _augment_config(args)
     rng = np.random.default_rng(args.seed)
     examples = [(image, classes), *augment_examples(image, classes, rng, args.count, augment)]
     with atomic_path(args.out) as tmp:
