@@ -1,7 +1,10 @@
 import math
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from biounet.errors import BiounetError
 from biounet.model import UNet, UNetConfig
@@ -90,3 +93,97 @@ def test_options_batch_norm_and_dropout():
 def test_bad_configurations_are_refused(bad):
     with pytest.raises(BiounetError):
         UNetConfig(**bad)
+
+
+def _counted_flops(cfg: UNetConfig, h: int, w: int) -> int:
+    """Brute force: 2 * multiply-adds of every (up-)convolution, read off a meta forward."""
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        kh, kw = module.kernel_size
+        per_output = module.in_channels * kh * kw
+        if isinstance(module, torch.nn.ConvTranspose2d):
+            per_output = module.in_channels  # stride 2, kernel 2: one input pixel per output
+        total += 2 * per_output * output.numel()
+
+    with torch.device("meta"):
+        net = UNet(cfg)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d):
+            m.register_forward_hook(hook)
+    net(torch.empty(1, cfg.in_channels, h, w, device="meta"))
+    return total
+
+
+@pytest.mark.parametrize(
+    "cfg,h,w",
+    [
+        (UNetConfig(), 572, 572),
+        (UNetConfig(depth=2, base_channels=3, in_channels=2, num_classes=4), 60, 76),
+        (UNetConfig(depth=3, base_channels=5, padding="same"), 64, 40),
+        (UNetConfig(depth=0, base_channels=4), 9, 12),
+    ],
+)
+def test_forward_flops_match_a_count_over_the_layers(cfg, h, w):
+    assert cfg.forward_flops(h, w) == _counted_flops(cfg, h, w)
+
+
+def test_paper_network_costs_about_301_gflop_per_tile():
+    assert UNetConfig().forward_flops(572, 572) == pytest.approx(301e9, rel=0.002)
+
+
+class _LiveStorage(TorchDispatchMode):
+    """Bytes of tensor storage alive at once, at the peak, for what runs under this mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.owners: dict[int, set[int]] = {}
+        self.nbytes: dict[int, int] = {}
+        self.current = self.peak = 0
+
+    def _release(self, key: int, owner: int) -> None:
+        self.owners[key].discard(owner)
+        if not self.owners[key]:
+            del self.owners[key]
+            self.current -= self.nbytes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                key = t.untyped_storage().data_ptr()  # views share their base's storage
+                if key not in self.owners:
+                    self.owners[key] = set()
+                    self.nbytes[key] = t.untyped_storage().nbytes()
+                    self.current += self.nbytes[key]
+                    self.peak = max(self.peak, self.current)
+                if id(t) not in self.owners[key]:
+                    self.owners[key].add(id(t))
+                    weakref.finalize(t, self._release, key, id(t))
+        return out
+
+
+@pytest.mark.parametrize(
+    "cfg,h,w",
+    [
+        (UNetConfig(base_channels=8, depth=2), 124, 140),
+        (UNetConfig(base_channels=4, depth=4), 380, 364),
+        (UNetConfig(base_channels=8, depth=3, padding="same", in_channels=2), 96, 64),
+    ],
+)
+def test_peak_activations_equal_the_live_storage_of_a_forward_pass(cfg, h, w):
+    net = UNet(cfg).eval()
+    x = torch.randn(1, cfg.in_channels, h, w)
+    with torch.inference_mode(), _LiveStorage() as live:
+        net(x)
+    assert live.current == 0  # everything the pass made was freed: the count is complete
+    assert cfg.peak_activations(h, w) * 4 == live.peak + x.nbytes
+
+
+def test_peak_activations_grow_faster_than_the_tile_area():
+    cfg = UNetConfig()
+    per_pixel = [cfg.peak_activations(n, n) / n**2 for n in (572, 1084, 2060)]
+    assert per_pixel == sorted(per_pixel)  # the output share of the tile grows
+    with pytest.raises(BiounetError, match="not valid"):
+        cfg.peak_activations(573, 572)

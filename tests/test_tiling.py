@@ -5,7 +5,15 @@ import torch
 from biounet.errors import BiounetError
 from biounet.mirror import mirror_crop, mirror_indices
 from biounet.model import UNet, UNetConfig
-from biounet.tiling import min_tile, model_forward, plan_tiles, predict_tiled, predict_whole
+from biounet.tiling import (
+    auto_tile,
+    min_tile,
+    model_forward,
+    plan_tiles,
+    predict_tiled,
+    predict_whole,
+    tile_memory,
+)
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +125,46 @@ def test_paper_depth_tiling_against_an_independent_numpy_reference():
     for tile in (min_tile(cfg), 36, 52):
         out = predict_tiled(forward, img, plan_tiles(cfg, img.shape[1:], tile), 2)
         assert np.abs(out - ref).max() <= 1e-4, tile
+
+
+def _fitting_costs(cfg, shape, memory_mb, bytes_per_value):
+    """Brute force over every valid tile: input area computed, for those within the budget."""
+    costs = {}
+    for out in range(min_tile(cfg), 2 * max(shape) + 64):
+        if not cfg.is_valid_output(out):
+            continue
+        plan = plan_tiles(cfg, shape, out)
+        if tile_memory(cfg, plan.tile_shape, 1, bytes_per_value) <= memory_mb * 2**20:
+            costs[out] = plan.count(shape) * plan.y.tile_in * plan.x.tile_in
+    return costs
+
+
+@pytest.mark.parametrize("shape", [(300, 300), (1000, 700), (2500, 2600), (50, 3000)])
+@pytest.mark.parametrize("memory_mb", [60, 200, 800])
+def test_auto_tile_computes_the_least_within_the_memory_budget(shape, memory_mb):
+    cfg = UNetConfig(base_channels=8)
+    tile = auto_tile(cfg, shape, memory_mb=memory_mb, bytes_per_value=2)
+    plan = plan_tiles(cfg, shape, memory_mb=memory_mb, bytes_per_value=2)
+    assert plan == plan_tiles(cfg, shape, tile)
+    assert tile_memory(cfg, plan.tile_shape, 1, 2) <= memory_mb * 2**20
+    costs = _fitting_costs(cfg, shape, memory_mb, 2)
+    assert plan.count(shape) * plan.y.tile_in * plan.x.tile_in == min(costs.values())
+
+
+def test_auto_tile_grows_with_the_budget_and_covers_small_images_at_once():
+    cfg = UNetConfig()  # the paper's network
+    tiles = [auto_tile(cfg, (8000, 8000), memory_mb=mb, bytes_per_value=2) for mb in (300, 1024)]
+    assert 388 < tiles[0] < tiles[1]
+    # The default budget covers a 512 x 696 image with one tile and no wasted stride.
+    plan = plan_tiles(cfg, (512, 696), bytes_per_value=2)
+    assert plan.count((512, 696)) == 1
+    assert plan.y.tile_out == cfg.snap_output(512, up=True)
+    # Whatever the budget, never below the smallest valid tile.
+    assert auto_tile(cfg, (8000, 8000), memory_mb=1) == min_tile(cfg)
+
+
+def test_auto_tile_halves_the_tile_area_for_fp32_values():
+    cfg = UNetConfig(base_channels=32)
+    bf16 = plan_tiles(cfg, (20000, 20000), bytes_per_value=2).tile_shape[0]
+    fp32 = plan_tiles(cfg, (20000, 20000), bytes_per_value=4).tile_shape[0]
+    assert fp32 < bf16 and abs(bf16 / fp32 - 2**0.5) < 0.15

@@ -146,6 +146,78 @@ class UNetConfig:
             return next(o for o in range(max(out, 1), 2**31) if self.is_valid_output(o))
         return next((o for o in range(out, 0, -1) if self.is_valid_output(o)), None)
 
+    # -- cost arithmetic (what a forward pass of an h x w input costs) -----------------------
+    def _trace(self, n: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+        """Side lengths along one axis: per encoder level (input, conv1, conv2) and per decoder
+        level, from the bottom up, (up-convolution, conv1, conv2)."""
+        loss, enc, dec = self.conv_loss, [], []
+        size = n
+        for _ in range(self.depth + 1):
+            enc.append((size, size - loss, size - 2 * loss))
+            size = (size - 2 * loss) // 2
+        size = enc[-1][2]
+        for _ in range(self.depth):
+            up = 2 * size
+            dec.append((up, up - loss, up - 2 * loss))
+            size = up - 2 * loss
+        return enc, dec
+
+    def forward_flops(self, height: int, width: int) -> int:
+        """Floating-point operations (2 per multiply-add) of one forward pass of one image.
+
+        Counts the convolutions, up-convolutions and the 1x1 head; pooling, ReLU and
+        concatenation are negligible. The paper's network on a 572x572 tile: ~301 GFLOP.
+        """
+        self.output_size(height)
+        self.output_size(width)
+        (enc_h, dec_h), (enc_w, dec_w) = self._trace(height), self._trace(width)
+        widths = [self.base_channels * 2**level for level in range(self.depth + 1)]
+        macs = 0
+        for level, ((_, a_h, b_h), (_, a_w, b_w)) in enumerate(zip(enc_h, enc_w, strict=True)):
+            cin = self.in_channels if level == 0 else widths[level - 1]
+            c = widths[level]
+            macs += 9 * cin * c * a_h * a_w + 9 * c * c * b_h * b_w
+        for i, ((u_h, a_h, b_h), (u_w, a_w, b_w)) in enumerate(zip(dec_h, dec_w, strict=True)):
+            c = widths[self.depth - 1 - i]
+            macs += 2 * c * c * u_h * u_w  # 2x2 stride-2: each output pixel sees 2c inputs
+            macs += 9 * 2 * c * c * a_h * a_w + 9 * c * c * b_h * b_w
+        out_h, out_w = (
+            dec_h[-1][2] if dec_h else enc_h[0][2],
+            dec_w[-1][2] if dec_w else enc_w[0][2],
+        )
+        macs += widths[0] * self.num_classes * out_h * out_w
+        return 2 * macs
+
+    def peak_activations(self, height: int, width: int) -> int:
+        """Feature-map values alive at once in an inference forward pass of one image.
+
+        The peak is in the top decoder level, during its second convolution: the skip maps
+        still held, the level's input (``C/2`` at half size), the up-convolved map ``C``, its
+        concatenation with the skip ``2C`` (the call holds it) and both convolution outputs,
+        where C is the level's width, and the input image. For the paper's network: 3.6 values
+        per input pixel and base channel at 572 x 572, 5.6 at 2060 x 2060. Multiply by bytes
+        per value and batch size; the kernels' scratch space comes on top (tests/test_model.py
+        checks this against a count of live tensor storage).
+        """
+        self.output_size(height)
+        self.output_size(width)
+        (enc_h, dec_h), (enc_w, dec_w) = self._trace(height), self._trace(width)
+        widths = [self.base_channels * 2**level for level in range(self.depth + 1)]
+        skips = [widths[lv] * enc_h[lv][2] * enc_w[lv][2] for lv in range(self.depth + 1)]
+        image = self.in_channels * height * width  # the caller holds it throughout
+        peak = image + widths[0] * (enc_h[0][1] * enc_w[0][1] + enc_h[0][2] * enc_w[0][2])
+        for i, ((u_h, a_h, b_h), (u_w, a_w, b_w)) in enumerate(zip(dec_h, dec_w, strict=True)):
+            level = self.depth - 1 - i
+            c = widths[level]
+            # input 2c at (u/2)^2 = c u^2 / 2; up-convolved c u^2; concatenation 2c u^2
+            alive = (
+                image
+                + sum(skips[: level + 1])
+                + c * ((u_h * u_w) // 2 + 3 * u_h * u_w + a_h * a_w + b_h * b_w)
+            )
+            peak = max(peak, alive)
+        return peak
+
 
 # -- building blocks (named like the paper's diagram) -------------------------------------
 

@@ -36,7 +36,11 @@ from biounet.mirror import mirror_crop
 from biounet.model import UNet, UNetConfig
 from biounet.precision import autocast, memory_format
 
-DEFAULT_TILE = 772  # output px per axis; covers 512 (ISBI) and 696 (BBBC039) wide images at once
+DEFAULT_MEMORY_MB = 1024  # feature maps of one batch of tiles; torch and the model come on top
+# Allocator slack and oneDNN's reordered copies over the live feature maps counted by
+# `UNetConfig.peak_activations` (exact for the live tensors, tests/test_model.py); bench/memory.py
+# measures the whole process.
+MEMORY_SLACK = 1.5
 
 
 @dataclass(frozen=True)
@@ -123,11 +127,55 @@ def _snap_axis(config: UNetConfig, request: int, at_least: int, halo: int, up: b
     )
 
 
+def tile_memory(
+    config: UNetConfig, tile_shape: tuple[int, int], batch_size: int = 1, bytes_per_value: int = 4
+) -> int:
+    """Estimated bytes of feature maps for one forward pass of a batch of input tiles."""
+    values = config.peak_activations(*tile_shape) * batch_size
+    return int(values * bytes_per_value * MEMORY_SLACK)
+
+
+def auto_tile(
+    config: UNetConfig,
+    image_shape: tuple[int, int],
+    halo: int | None = None,
+    memory_mb: float = DEFAULT_MEMORY_MB,
+    batch_size: int = 1,
+    bytes_per_value: int = 4,
+) -> int:
+    """Output tile side that computes the fewest input pixels for this image, within memory.
+
+    Every tile recomputes its context (the margin, or the halo), so bigger tiles waste less;
+    but a tile bigger than needed computes mirrored pixels. Among the valid tiles whose
+    `tile_memory` fits `memory_mb`, this returns the one whose plan has the smallest total
+    input area (ties: the larger tile, fewer calls). If none fits, the smallest valid tile.
+    """
+    budget = memory_mb * 2**20
+    request = best = min_tile(config, halo)
+    best_cost = None
+    longest = max(image_shape)
+    while True:
+        plan = _plan(config, image_shape, request, halo)
+        if tile_memory(config, plan.tile_shape, batch_size, bytes_per_value) > budget:
+            break
+        cost = plan.count(image_shape) * plan.y.tile_in * plan.x.tile_in
+        if best_cost is None or cost <= best_cost:
+            best, best_cost = max(plan.y.tile_out, plan.x.tile_out), cost
+        if request >= longest:
+            break  # one tile covers the image: larger requests give the same plan
+        request = _snap_axis(config, request + 1, config.size_step, halo, up=True).tile_out
+    return best
+
+
 def plan_tiles(
     config: UNetConfig,
     image_shape: tuple[int, int],
     tile: int | None = None,
     halo: int | None = None,
+    *,
+    memory_mb: float = DEFAULT_MEMORY_MB,
+    batch_size: int = 1,
+    bytes_per_value: int = 4,
 ) -> TilePlan:
     """Choose tile sizes for an image.
 
@@ -136,24 +184,35 @@ def plan_tiles(
     config : UNetConfig
     image_shape : (H, W)
     tile : int, optional
-        Wanted output tile size per axis, snapped down to a valid size (default 772). An axis
+        Wanted output tile size per axis, snapped down to a valid size. Default: `auto_tile`,
+        the tile with the least computation for this image within `memory_mb`. An axis
         shorter than the tile gets the smallest valid tile that covers it, wasting nothing.
     halo : int, optional
         Discarded border per side for the "same" variant (default: `default_halo`,
         which makes tiling exact); ignored for "valid".
+    memory_mb, batch_size, bytes_per_value
+        Memory budget for the default tile: MiB of feature maps for a batch of
+        `batch_size` tiles at `bytes_per_value` (4 for fp32, 2 for bf16/fp16).
 
     Raises
     ------
     BiounetError
         When `tile` is below the smallest valid tile size.
     """
+    if tile is None:
+        tile = auto_tile(config, image_shape, halo, memory_mb, batch_size, bytes_per_value)
     smallest = min_tile(config, halo)
-    request = DEFAULT_TILE if tile is None else tile
-    if request < smallest:
+    if tile < smallest:
         raise BiounetError(
-            f"tile size {request} is too small for this model; the smallest valid tile is "
+            f"tile size {tile} is too small for this model; the smallest valid tile is "
             f"{smallest} (use --tile {smallest} or larger)"
         )
+    return _plan(config, image_shape, tile, halo)
+
+
+def _plan(
+    config: UNetConfig, image_shape: tuple[int, int], request: int, halo: int | None
+) -> TilePlan:
     at_least = config.size_step
     axes = []
     for length in image_shape:
