@@ -314,6 +314,17 @@ def test_bad_tile_too_small(model_dir, tmp_path, capsys):
     assert "smallest valid tile is 4" in line
 
 
+def test_bad_memory_budget(model_dir, tmp_path, capsys):
+    iio.imwrite(tmp_path / "a.png", np.zeros((8, 8), np.uint8))
+    _bad(
+        capsys,
+        tmp_path,
+        ["predict", model_dir, tmp_path / "a.png", "--out", tmp_path / "o", "--memory-mb", 0],
+        ["memory budget must be > 0"],
+        tmp_path / "o",
+    )
+
+
 def test_bad_channel_count(model_dir, tmp_path, capsys):
     iio.imwrite(tmp_path / "rgb.png", np.zeros((16, 16, 3), np.uint8))
     _bad(
@@ -526,3 +537,14 @@ def test_instance_output_from_a_model_trained_on_instance_masks(tmp_path, capsys
     ids = np.unique(labels[labels > 0])
     assert np.array_equal(ids, np.arange(1, len(ids) + 1))  # consecutive (may be empty)
     assert iio.imread(tmp_path / "pred" / "c0_overlay.png").shape == (80, 96, 3)
+
+
+def test_stream_writes_instances_but_refuses_probabilities(model_dir, tmp_path, capsys):
+    image = np.random.default_rng(0).integers(0, 255, (70, 90)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "a.tif", image)
+    argv = ["predict", model_dir, tmp_path / "a.tif", "--out", tmp_path / "o", "--stream"]
+    code, _, err = run(capsys, *argv, "--output", "instances")
+    assert code == 0, err
+    labels = tifffile.imread(tmp_path / "o" / "a.tif")
+    assert labels.shape == (70, 90) and labels.dtype == np.uint16
+    _bad(capsys, tmp_path, [*argv, "--output", "prob"], ["--stream", "--output prob"])

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from biounet.instances import InstanceConfig, instances_from_probabilities
+from biounet.instances import InstanceConfig, instances_from_probabilities, instances_in_chunks
 from biounet.metrics import instance_scores
 from biounet.weightmap import carve_borders, touching_borders
 
@@ -74,3 +74,53 @@ def test_holes_are_filled():
     classes[12:16, 12:16] = 0  # a hole
     labels = instances_from_probabilities(one_hot(classes, 2), InstanceConfig())
     assert labels.max() == 1 and labels[13, 13] == 1
+
+
+def scattered_clumps(shape=(230, 310), n=60, seed=0):
+    """Probabilities of many touching, differently sized disks (and some with holes)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    labels = np.zeros(shape, np.int32)
+    for k in range(1, n + 1):
+        cy, cx = rng.uniform(0, shape[0]), rng.uniform(0, shape[1])
+        r = rng.uniform(3, 9)
+        disk = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r) & (labels == 0)
+        if r > 7:  # a ring: hole filling has work to do
+            disk &= (yy - cy) ** 2 + (xx - cx) ** 2 >= 4
+        labels[disk] = k
+    carved = carve_borders(labels)
+    noisy = (carved > 0) + rng.normal(0, 0.15, shape)
+    return one_hot((ndimage.gaussian_filter(noisy, 1.0) > 0.5).astype(int), 2, blur=0.8)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [InstanceConfig(), InstanceConfig(expand=2, min_size=30), InstanceConfig(fill_holes=False)],
+)
+@pytest.mark.parametrize("chunk", [37, 64, 1000])
+def test_chunked_post_processing_equals_whole_image(config, chunk):
+    probs = scattered_clumps()
+    whole = instances_from_probabilities(probs, config)
+    assert whole.max() > 30
+    out = np.zeros(whole.shape, np.uint32)
+    n = instances_in_chunks(probs, out, config, chunk=chunk, margin=40)
+    assert n == whole.max()
+    np.testing.assert_array_equal(out, whole)
+
+
+def test_chunked_post_processing_flags_clumps_wider_than_the_margin(caplog):
+    probs = one_hot(np.pad(np.ones((20, 120), int), 5), 2)  # one 120 px wide object
+    out = np.zeros(probs.shape[1:], np.uint32)
+    with caplog.at_level("WARNING", logger="biounet.instances"):
+        instances_in_chunks(probs, out, InstanceConfig(), chunk=32, margin=16)
+    assert "wider than the 16 px margin" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="biounet.instances"):
+        instances_in_chunks(probs, np.zeros_like(out), InstanceConfig(), chunk=32, margin=130)
+    assert caplog.text == ""
+
+
+def test_chunked_post_processing_of_an_empty_map():
+    out = np.zeros((50, 70), np.uint32)
+    assert instances_in_chunks(one_hot(out.astype(int), 2), out, InstanceConfig(), 16, 8) == 0
+    assert out.max() == 0

@@ -6,7 +6,7 @@ import torch
 from biounet.bundle import ModelInfo, save_model
 from biounet.io import LazyImage
 from biounet.model import UNet, UNetConfig
-from biounet.predict import PredictConfig, predict_files
+from biounet.predict import PredictConfig, predict_array, predict_files
 
 
 @pytest.fixture
@@ -45,3 +45,71 @@ def test_lazy_image_reads_windows_and_layouts(tmp_path):
         assert lazy.shape == (3, 40, 50)
         assert np.array_equal(lazy[..., 5:9, 10:20], np.moveaxis(rgb, -1, 0)[:, 5:9, 10:20])
         assert lazy.sample(max_pixels=100).shape[1] <= 40
+
+
+@pytest.fixture
+def cell_model(tmp_path):
+    """A tiny random model that calls about half of a disk image's pixels cells."""
+    from tests.conftest import disk_image, disks
+
+    torch.manual_seed(0)
+    net = UNetConfig(depth=2, base_channels=4)
+    model = UNet(net)
+    info = ModelInfo(net, ("background", "cell"))
+    rng = np.random.default_rng(3)
+    image = disk_image(disks((130, 170), rng, count=12), rng)
+    tifffile.imwrite(tmp_path / "cells.tif", image)
+    # Random weights call nearly every pixel one class: shift the head's bias so the cell
+    # class wins on a fifth of the pixels: ~30 objects with random outlines, in clumps up to
+    # ~50 px wide.
+    probs = predict_array(model, info, image[None], PredictConfig(precision="fp32"))
+    with torch.no_grad():
+        model.head.bias[1] -= float(np.quantile(np.log(probs[1] / probs[0]), 0.8))
+    save_model(tmp_path / "model", model, info)
+    return tmp_path / "model", tmp_path / "cells.tif"
+
+
+def test_tiled_instance_output_equals_untiled(cell_model, tmp_path):
+    """Tiles stitch to the same probabilities, so post-processing finds the same objects."""
+    model, image = cell_model
+    outs = {}
+    for tile in (20, None):
+        out = tmp_path / f"out_{tile}"
+        config = PredictConfig(tile=tile, precision="fp32", output="instances")
+        predict_files(model, [image], out, config)
+        outs[tile] = tifffile.imread(out / "cells.tif")
+    assert outs[20].dtype == np.uint16
+    assert outs[None].max() >= 20
+    assert np.array_equal(outs[20], outs[None])
+
+
+def test_streamed_instances_equal_in_memory_instances(cell_model, tmp_path, monkeypatch, caplog):
+    """Streaming labels in blocks (small here, so objects cross them) changes nothing."""
+    import biounet.predict
+
+    monkeypatch.setattr(biounet.predict, "_INSTANCE_CHUNK", 48)
+    monkeypatch.setattr(biounet.predict, "_INSTANCE_MARGIN", 60)
+    model, image = cell_model
+    common = dict(tile=40, precision="fp32", output="instances")
+    predict_files(model, [image], tmp_path / "mem", PredictConfig(**common))
+    predict_files(model, [image], tmp_path / "stream", PredictConfig(**common, stream_pixels=0))
+    streamed = tifffile.imread(tmp_path / "stream" / "cells.tif")
+    with tifffile.TiffFile(tmp_path / "stream" / "cells.tif") as tif:
+        assert tif.pages[0].is_tiled
+    assert sorted(p.name for p in (tmp_path / "stream").iterdir()) == ["cells.tif"]
+    assert streamed.dtype == np.uint16 and streamed.max() >= 20
+    assert np.array_equal(streamed, tifffile.imread(tmp_path / "mem" / "cells.tif"))
+    assert "wider than" not in caplog.text
+
+
+def test_memory_budget_and_precision_choose_the_tile():
+    from biounet.predict import tile_plan
+
+    info = ModelInfo(UNetConfig(), ("background", "foreground"))
+
+    def tile(precision, memory_mb):
+        plan = tile_plan(info, (4096, 4096), PredictConfig(memory_mb=memory_mb), precision)
+        return plan.y.tile_out
+
+    assert tile("fp32", 256) < tile("fp32", 1024) < tile("fp32", 4096)
+    assert tile("fp32", 1024) < tile("bf16", 1024)  # half the bytes per value

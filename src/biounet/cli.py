@@ -190,8 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model_dir", type=Path)
     q.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     q.add_argument("--out", type=Path, required=True, help="output folder")
-    q.add_argument("--tile", type=int, help="output tile side, snapped down to a valid size")
+    q.add_argument(
+        "--tile",
+        type=int,
+        help="output tile side, snapped down to a valid size (default: the tile with the least "
+        "computation per image that fits --memory-mb)",
+    )
     q.add_argument("--batch-size", type=int, default=1, help="tiles per forward pass")
+    q.add_argument(
+        "--memory-mb",
+        type=float,
+        default=1024,
+        help="MiB of feature maps per batch of tiles for the automatic tile size (default 1024; "
+        "torch and the model take ~0.3-0.5 GB more)",
+    )
     q.add_argument(
         "--output",
         choices=("mask", "prob", "instances"),
@@ -203,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--stream",
         action="store_true",
-        help="read and write TIFF masks tile by tile whatever their size (automatic above "
-        "16 megapixels): memory stays flat for images of any size",
+        help="read and write TIFF masks or instances tile by tile whatever their size "
+        "(automatic above 16 megapixels): memory stays flat for images of any size",
     )
     q.add_argument(
         "--tta",
@@ -510,9 +522,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from biounet.predict import PredictConfig, predict_files
 
-    if args.stream and (args.output != "mask" or args.tta or args.overlay):
+    if args.stream and (args.output == "prob" or args.tta or args.overlay):
         raise BiounetError(
-            "--stream writes masks only: drop --output prob/instances, --tta "
+            "--stream writes masks or instances only: drop --output prob, --tta "
             "and --overlay, or drop --stream"
         )
     config = PredictConfig(
@@ -522,6 +534,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         output=args.output,
         overlay=args.overlay,
         tta=args.tta,
+        memory_mb=args.memory_mb,
         **({"stream_pixels": 0} if args.stream else {}),
     )
     bar = tqdm(unit="tile", dynamic_ncols=True, disable=None, leave=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,14 +15,20 @@ import torch
 
 from biounet.bundle import ModelInfo, load_model
 from biounet.errors import BiounetError
-from biounet.instances import InstanceConfig, instances_from_probabilities
+from biounet.instances import InstanceConfig, instances_from_probabilities, instances_in_chunks
 from biounet.io import ensure_dir, is_image_file, list_images, read_image, write_png, write_tiff
 from biounet.mirror import mirror_crop
 from biounet.model import UNet
 from biounet.normalize import normalize
 from biounet.plots import instance_overlay, overlay, to_uint8
 from biounet.precision import default_device, resolve_precision
-from biounet.tiling import model_forward, plan_tiles, predict_tiled
+from biounet.tiling import (
+    DEFAULT_MEMORY_MB,
+    TilePlan,
+    model_forward,
+    plan_tiles,
+    predict_tiled,
+)
 
 log = logging.getLogger(__name__)
 OUTPUTS = ("mask", "prob", "instances")
@@ -34,7 +41,8 @@ class PredictConfig:
     Parameters
     ----------
     tile : int, optional
-        Output tile side, snapped down to a valid size (default: see `biounet.tiling`).
+        Output tile side, snapped down to a valid size. Default: the tile that computes the
+        fewest pixels for each image within `memory_mb` (`biounet.tiling.auto_tile`).
     batch_size : int
         Tiles per forward pass.
     precision : {"auto", "fp32", "bf16", "fp16"}
@@ -52,8 +60,11 @@ class PredictConfig:
         Test-time augmentation: average the probabilities over the 8 rotations/flips of the
         image (the paper averaged over rotated versions of the input). 8x the compute.
     stream_pixels : int
-        TIFF inputs with more pixels than this, predicted as masks, are read and written tile
-        by tile (`predict_large`), so memory does not grow with the image.
+        TIFF inputs with more pixels than this, predicted as masks or instances (without
+        overlay or TTA), are read and written tile by tile (`predict_large`), so memory does
+        not grow with the image.
+    memory_mb : float
+        Budget for the feature maps of one batch of tiles when the tile size is automatic.
     """
 
     tile: int | None = None
@@ -64,12 +75,30 @@ class PredictConfig:
     halo: int | None = None
     tta: bool = False
     stream_pixels: int = 16 * 2**20  # TIFF masks larger than this stream tile by tile
+    memory_mb: float = DEFAULT_MEMORY_MB
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUTS:
             raise BiounetError(f"output must be one of {OUTPUTS}, not {self.output!r}")
         if self.batch_size < 1:
             raise BiounetError("batch size must be >= 1")
+        if not self.memory_mb > 0:
+            raise BiounetError(f"memory budget must be > 0 MiB, not {self.memory_mb}")
+
+
+def tile_plan(
+    info: ModelInfo, shape: tuple[int, int], config: PredictConfig, precision: str
+) -> TilePlan:
+    """The tiling of an image of `shape` for this model and configuration."""
+    return plan_tiles(
+        info.net,
+        shape,
+        config.tile,
+        config.halo,
+        memory_mb=config.memory_mb,
+        batch_size=config.batch_size,
+        bytes_per_value=4 if precision == "fp32" else 2,
+    )
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[Path]:
@@ -127,7 +156,7 @@ def predict_array(
     for k, flip in views:
         view = np.rot90(x, k, axes=(1, 2))
         view = np.ascontiguousarray(view[:, :, ::-1] if flip else view)
-        plan = plan_tiles(info.net, view.shape[1:], config.tile, config.halo)
+        plan = tile_plan(info, view.shape[1:], config, precision)
         probs = softmax(
             predict_tiled(
                 forward, view, plan, info.net.num_classes, config.batch_size, progress=progress
@@ -147,13 +176,16 @@ def predict_large(
     device: torch.device | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Class mask of a TIFF of any size, read and written tile by tile.
+    """Class mask or instance labels of a TIFF of any size, read and written tile by tile.
 
     The input is memory-mapped or read chunk-wise (`LazyImage`); normalisation statistics come
     from a regular subsample of ~4 megapixels (percentiles of a subsample differ from the full
     image's by sampling noise only); the output is a zlib-compressed tiled TIFF whose tiles are
-    the stride blocks of overlap-tile prediction, written in order as they are computed.
-    Memory: one batch of tiles, whatever the image size.
+    the stride blocks of overlap-tile prediction. Masks are written in order as they are
+    computed. Instances go through two temporary zarr arrays beside `target` (probabilities,
+    4 bytes per pixel and class, and labels, 4 bytes per pixel; compressed, deleted at the
+    end) and `instances_in_chunks`, which labels block by block exactly as the whole image
+    would be. Memory: one batch of tiles or one block, whatever the image size.
     """
     from biounet.io import LazyImage, atomic_path
     from biounet.normalize import apply_normalization, normalization_params
@@ -169,7 +201,7 @@ def predict_large(
             )
         offset, scale = normalization_params(src.sample(), info.normalization)
         _, height, width = src.shape
-        plan = plan_tiles(info.net, (height, width), config.tile, config.halo)
+        plan = tile_plan(info, (height, width), config, precision)
         # TIFF tiles must be multiples of 16 px; any multiple of 16 is on the pooling grid of a
         # depth <= 4 network, and deeper networks' strides are multiples of 16 already.
         ty, tx = plan.y.stride // 16 * 16, plan.x.stride // 16 * 16
@@ -185,34 +217,81 @@ def predict_large(
             crop = mirror_crop(src, y0, x0, plan.y.tile_in, plan.x.tile_in)
             return apply_normalization(crop, offset, scale)
 
-        def tiles():
+        def blocks():
+            """Logits of the (ty, tx) output blocks in raster order (the last ones overhang)."""
             done = 0
             for oy in rows:
                 # Read only one batch of windows at a time: memory follows the batch.
                 for b in range(0, len(cols), config.batch_size):
                     batch = [window(oy, ox) for ox in cols[b : b + config.batch_size]]
                     logits = forward(np.stack(batch))
-                    for tile in logits:
-                        kept = tile[
-                            :, plan.y.crop : plan.y.crop + ty, plan.x.crop : plan.x.crop + tx
-                        ]
-                        block = np.zeros((ty, tx), np.uint8)
-                        block[:] = kept.argmax(0)
-                        yield block
+                    for ox, tile in zip(cols[b : b + config.batch_size], logits, strict=True):
+                        crop_y, crop_x = plan.y.crop, plan.x.crop
+                        yield oy, ox, tile[:, crop_y : crop_y + ty, crop_x : crop_x + tx]
                     done += len(logits)
                     if progress is not None:
                         progress(done, total)
 
-        with atomic_path(target) as tmp:
+        def write(tmp: Path, tiles, dtype) -> None:
             tifffile.imwrite(
                 tmp,
-                data=tiles(),
+                data=tiles,
                 shape=(height, width),
-                dtype=np.uint8,
+                dtype=dtype,
                 tile=(ty, tx),
                 compression="zlib",
                 photometric="minisblack",
             )
+
+        with atomic_path(target) as tmp:
+            if config.output != "instances":
+                write(tmp, (np.asarray(lg.argmax(0), np.uint8) for _, _, lg in blocks()), np.uint8)
+                return
+            with tempfile.TemporaryDirectory(
+                prefix=f".{target.name}.", suffix=".work", dir=target.parent
+            ) as work:
+                labels, n = _stream_instances(info, blocks(), (height, width), (ty, tx), Path(work))
+                dtype = np.uint16 if n < 2**16 else np.uint32
+                write(tmp, _read_blocks(labels, (ty, tx), dtype), dtype)
+
+
+# Blocks of 1024 px with 128 px of context each side: clumps of touching cells up to ~128 px
+# across come out exactly as whole-image post-processing gives them (wider ones are logged).
+_INSTANCE_CHUNK = 1024
+_INSTANCE_MARGIN = 128
+
+
+def _stream_instances(info: ModelInfo, blocks, shape, block_shape, work: Path):
+    """Probabilities into a zarr array in `work`, then labels by `instances_in_chunks`."""
+    import zarr
+
+    height, width = shape
+    k = info.net.num_classes
+    probs = zarr.open_array(
+        store=str(work / "probs.zarr"), mode="w", shape=(k, height, width),
+        chunks=(k, *block_shape), dtype=np.float32,
+    )  # fmt: skip
+    for oy, ox, logits in blocks:
+        h, w = min(block_shape[0], height - oy), min(block_shape[1], width - ox)
+        probs[:, oy : oy + h, ox : ox + w] = softmax(np.array(logits[:, :h, :w], np.float32))
+    labels = zarr.open_array(
+        store=str(work / "labels.zarr"), mode="w", shape=shape, chunks=block_shape,
+        dtype=np.uint32, fill_value=0,
+    )  # fmt: skip
+    post = instance_config(info)
+    n = instances_in_chunks(probs, labels, post, chunk=_INSTANCE_CHUNK, margin=_INSTANCE_MARGIN)
+    return labels, n
+
+
+def _read_blocks(labels, block_shape: tuple[int, int], dtype):
+    """(ty, tx) blocks of the labels in raster order, zero-padded at the edges."""
+    height, width = labels.shape
+    for oy in range(0, height, block_shape[0]):
+        for ox in range(0, width, block_shape[1]):
+            block = np.zeros(block_shape, dtype)
+            part = labels[oy : oy + block_shape[0], ox : ox + block_shape[1]]
+            block[: part.shape[0], : part.shape[1]] = part
+            yield block
 
 
 def dihedral_views() -> list[tuple[int, bool]]:
@@ -221,11 +300,11 @@ def dihedral_views() -> list[tuple[int, bool]]:
 
 
 def _streams(path: Path, config: PredictConfig) -> bool:
-    """Large TIFF, plain masks: read and write tile by tile."""
+    """Large TIFF, masks or instances: read and write tile by tile."""
     from biounet.io import image_pixels
 
     return (
-        config.output == "mask"
+        config.output in ("mask", "instances")
         and not config.tta
         and not config.overlay
         and image_pixels(path) > config.stream_pixels
