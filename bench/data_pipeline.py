@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _common import median_time
 from biounet.augment import AugmentConfig
 from biounet.bundle import ModelInfo
 from biounet.data import DataConfig, TileDataset, load_sample, tile_geometry
@@ -33,15 +34,6 @@ from biounet.model import UNet, UNetConfig
 from biounet.normalize import NormalizeConfig
 from biounet.precision import autocast, memory_format, resolve_precision
 from biounet.train import TrainConfig, fit
-
-
-def median_time(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:

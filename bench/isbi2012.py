@@ -19,13 +19,10 @@ Needs MONAI for row (c): `.venv/bin/pip install -c constraints.txt monai` (`make
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
 import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -33,13 +30,13 @@ import numpy as np
 import tifffile
 import torch
 
+from _common import BIOUNET, run, split_bench_args, train_command, use_final_weights
 from biounet.io import read_image, read_mask
 from biounet.metrics import pixel_error, rand_scores, warping_error
 from biounet.normalize import NormalizeConfig, normalize
 
 TRAIN = [f"{i:02d}" for i in range(20)]
 VAL = [f"{i:02d}" for i in range(20, 25)]
-BIOUNET = [sys.executable, "-m", "biounet"]
 
 
 def make_split(data: Path, out: Path) -> dict[str, Path]:
@@ -81,28 +78,6 @@ def score(probs: list[np.ndarray], truths: list[np.ndarray]) -> dict:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
-def run(cmd: list[str]) -> float:
-    print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
-    t = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    return time.perf_counter() - t
-
-
-def use_final_weights(model_dir: Path) -> None:
-    """Replace the validation-selected weights by those of the last step.
-
-    MONAI's row has no model selection, and the validation slices are the ones we report on:
-    selecting on them would flatter our rows, so every row is scored with its final weights.
-    """
-    from biounet.bundle import load_info, load_weights, save_model
-    from biounet.model import UNet
-
-    info = load_info(model_dir)
-    model = UNet(info.net)
-    load_weights(model, model_dir / "checkpoints" / "last" / "model.safetensors")
-    save_model(model_dir, model, info)
-
-
 def biounet_row(
     name: str,
     dirs: dict,
@@ -114,30 +89,13 @@ def biounet_row(
     skip_train: bool = False,
 ) -> tuple[list[np.ndarray], dict]:
     train_cmd = [
-        *BIOUNET,
-        "train",
-        "--images",
-        str(dirs["train_images"]),
-        "--masks",
-        str(dirs["train_labels"]),
-        "--val-images",
-        str(dirs["val_images"]),
-        "--val-masks",
-        str(dirs["val_labels"]),
-        "--out",
-        str(model),
-        "--foreground",
-        "0",
-        "--cell-class",
-        "0",
-        "--class-names",
-        "interior,membrane",
-        "--steps",
-        "1000000",
-        "--max-minutes",
-        str(budget),
+        *train_command(
+            dirs["train_images"], dirs["train_labels"], dirs["val_images"], dirs["val_labels"],
+            model, budget,
+        ),
+        "--foreground", "0", "--cell-class", "0", "--class-names", "interior,membrane",
         *extra,
-    ]
+    ]  # fmt: skip
     t_train = 60.0 * budget  # when reusing a trained model: the budget it trained under
     if not skip_train:
         if model.exists():
@@ -285,18 +243,7 @@ def monai_row(data: Path, budget: float, seed: int = 0) -> tuple[list[np.ndarray
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=Path("../shared/data"))
-    p.add_argument("--out", type=Path, default=Path("runs/isbi2012"))
-    p.add_argument(
-        "--ship",
-        type=Path,
-        default=Path("runs/isbi2012/model_a"),
-        help="where row (a) trains its model (models/isbi2012 to ship it)",
-    )
-    p.add_argument("--budget", type=float, default=20.0, help="training minutes per row")
-    p.add_argument("--rows", default="d,a,b,c")
-    p.add_argument("--base-channels", type=int, default=32)
+    p = split_bench_args(__doc__, "isbi2012", 20.0, "d,a,b,c")
     p.add_argument("--no-tta", action="store_true", help="row (a) without 8-fold TTA")
     p.add_argument(
         "--w0",

@@ -4,7 +4,11 @@ Each size runs in a fresh child process that reports its own peak RSS (getrusage
 do not contaminate each other. The input TIFFs are written tile by tile (never held whole),
 as a microscope or slide scanner would store them: tiled, zlib-compressed.
 
+With `--output instances` (use it with models/bbbc039) the texture is nuclei-like disks and
+the child writes instance labels through the block-wise post-processing.
+
 Usage:  .venv/bin/python bench/memory.py [--model models/isbi2012] [--sizes 2048,4096,8192,16384]
+            [--output mask|instances]
 """
 
 from __future__ import annotations
@@ -23,14 +27,32 @@ import numpy as np
 import tifffile
 
 
-def write_synthetic(path: Path, size: int, tile: int = 512) -> None:
-    """Smooth random texture, generated and written one tile at a time."""
+def disks(rng: np.random.Generator, tile: int) -> np.ndarray:
+    """Bright blurred disks of radius 7-12 px on a dark noisy background, like nuclei."""
+    from scipy import ndimage
+
+    fg = np.zeros((tile + 30, tile + 30), bool)  # disks may overhang; cropped below
+    for _ in range(tile * tile // 2500):
+        cy, cx = rng.integers(0, tile, 2)
+        r = rng.uniform(7, 12)
+        yy, xx = np.mgrid[-12:13, -12:13]
+        fg[cy : cy + 25, cx : cx + 25] |= yy**2 + xx**2 <= r * r
+    fg = fg[12 : tile + 12, 12 : tile + 12]
+    image = ndimage.gaussian_filter(fg * 180.0, 1.5) + rng.normal(20, 6, fg.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_synthetic(path: Path, size: int, kind: str = "noise", tile: int = 512) -> None:
+    """Random texture (noise, or nuclei-like disks), generated and written one tile at a time."""
     rng = np.random.default_rng(size)
 
     def tiles():
         tiles_per_side = -(-size // tile)
         for _ in range(tiles_per_side * tiles_per_side):
-            yield rng.integers(0, 255, (tile, tile), dtype=np.uint8)
+            if kind == "disks":
+                yield disks(rng, tile)
+            else:
+                yield rng.integers(0, 255, (tile, tile), dtype=np.uint8)
 
     tifffile.imwrite(
         path,
@@ -42,11 +64,12 @@ def write_synthetic(path: Path, size: int, tile: int = 512) -> None:
     )
 
 
-def child(model: str, image: str, out: str, precision: str) -> None:
+def child(model: str, image: str, out: str, precision: str, output: str) -> None:
     from biounet.cli import main
 
     t = time.perf_counter()
-    code = main(["predict", model, image, "--out", out, "--precision", precision, "--stream"])
+    argv = ["predict", model, image, "--out", out, "--precision", precision, "--stream"]
+    code = main([*argv, "--output", output])
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"code": code, "peak_rss_mb": peak_mb, "seconds": time.perf_counter() - t}))
 
@@ -56,27 +79,30 @@ def main() -> None:
     p.add_argument("--model", default="models/isbi2012")
     p.add_argument("--sizes", default="2048,4096,8192,16384")
     p.add_argument("--precision", default="auto")
+    p.add_argument("--output", default="mask", choices=("mask", "instances"))
     p.add_argument("--child", nargs=3, metavar=("MODEL", "IMAGE", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(*args.child, args.precision)
+        child(*args.child, args.precision, args.output)
         return
     print(
         f"# {time.strftime('%F %H:%M')}, {platform.machine()}, model {args.model}, "
-        f"precision {args.precision}"
+        f"precision {args.precision}, output {args.output}"
     )
     print("| image | input file MB | peak RSS MB | seconds | megapixels/s |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for size in (int(s) for s in args.sizes.split(",")):
             image = Path(tmp) / f"synthetic_{size}.tif"
-            write_synthetic(image, size)
+            write_synthetic(image, size, "disks" if args.output == "instances" else "noise")
             done = subprocess.run(
                 [
                     sys.executable,
                     __file__,
                     "--precision",
                     args.precision,
+                    "--output",
+                    args.output,
                     "--child",
                     args.model,
                     str(image),

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from biounet.bundle import load_model
+from biounet.instances import instances_from_probabilities
 from biounet.io import read_image, read_mask
-from biounet.metrics import pixel_error, rand_scores
-from biounet.predict import PredictConfig, predict_array
+from biounet.metrics import instance_scores, pixel_error, rand_scores
+from biounet.predict import PredictConfig, instance_config, predict_array
 
 ISBI = Path(__file__).resolve().parents[1] / "models" / "isbi2012"
 
@@ -47,3 +48,62 @@ def test_bf16_and_fp32_masks_agree_on_an_isbi_image(isbi_model, shared_data):
     fp32 = predict_array(model, info, image, PredictConfig(precision="fp32")).argmax(0)
     bf16 = predict_array(model, info, image, PredictConfig(precision="bf16")).argmax(0)
     assert np.mean(fp32 == bf16) >= 0.999
+
+
+BBBC = Path(__file__).resolve().parents[1] / "models" / "bbbc039"
+
+
+@pytest.fixture(scope="module")
+def bbbc_model():
+    if not (BBBC / "config.json").is_file():
+        pytest.skip("models/bbbc039 is not in this checkout")
+    return load_model(BBBC)
+
+
+def test_bbbc_model_is_complete_small_and_knows_its_post_processing(bbbc_model):
+    model, info = bbbc_model
+    assert (BBBC / "weights.safetensors").stat().st_size <= 20 * 2**20
+    assert info.class_names == ("background", "nucleus")
+    assert info.postprocess["instances"]["expand"] == 1  # carved 2-class training
+    assert info.training["command"].startswith("biounet train")
+    assert (BBBC / "README.md").is_file()
+
+
+@pytest.fixture
+def bbbc_val_image(bbbc_model, shared_data):
+    """A validation image of the shipped model (held out from its training)."""
+    _, info = bbbc_model
+    name = sorted(info.training["val_files"])[0]
+    stem = Path(name).stem
+    return (
+        read_image(shared_data / "bbbc039" / "images" / name),
+        read_mask(shared_data / "bbbc039" / "masks" / f"{stem}.png"),
+    )
+
+
+def test_bbbc_model_separates_held_out_nuclei(bbbc_model, bbbc_val_image):
+    model, info = bbbc_model
+    image, truth = bbbc_val_image
+    labels = instances_from_probabilities(
+        predict_array(model, info, image, PredictConfig(precision="fp32")), instance_config(info)
+    )
+    scores = instance_scores(labels, truth)
+    # Otsu + watershed scores AP@0.5 0.82 over the validation images (docs/benchmarks.md).
+    assert scores["ap"][0] > 0.8
+    assert abs(scores["n_pred"] - scores["n_true"]) < 0.1 * scores["n_true"]
+
+
+def test_tiled_instances_equal_untiled_instances(bbbc_model, bbbc_val_image):
+    """Small tiles stitch to the same probabilities, so the same nuclei, ids and all."""
+    model, info = bbbc_model
+    image, _ = bbbc_val_image
+    post = instance_config(info)
+    whole = instances_from_probabilities(
+        predict_array(model, info, image, PredictConfig(precision="fp32", tile=724)), post
+    )
+    tiled = instances_from_probabilities(
+        predict_array(model, info, image, PredictConfig(precision="fp32", tile=100)), post
+    )
+    assert whole.max() > 50
+    assert np.mean(tiled == whole) > 0.9999  # float rounding may flip a pixel at p = 0.5
+    assert tiled.max() == whole.max()

@@ -1,0 +1,84 @@
+"""Helpers shared by the benchmark scripts (bench/ is no package: scripts import this by name)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BIOUNET = [sys.executable, "-m", "biounet"]
+
+
+def run(cmd: list[str]) -> float:
+    """Run a command (echoed), fail loudly, return its wall time in seconds."""
+    print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - t
+
+
+def use_final_weights(model_dir: Path) -> None:
+    """Replace the validation-selected weights by those of the last step.
+
+    Peers have no model selection, and the validation images are the ones we report on:
+    selecting on them would flatter our rows, so every row is scored with its final weights.
+    """
+    from biounet.bundle import load_info, load_weights, save_model
+    from biounet.model import UNet
+
+    info = load_info(model_dir)
+    last = model_dir / "checkpoints" / "last" / "model.safetensors"
+    if not last.is_file():
+        # Checkpoints are not shipped; a model whose best validation was its last step
+        # already holds its final weights.
+        t = info.training
+        if t["last"]["step"] == t["steps_done"] and t["last"]["val_dice"] == t["best_val_dice"]:
+            return
+        raise SystemExit(f"{model_dir}: no last checkpoint, and its weights are not the final ones")
+    model = UNet(info.net)
+    load_weights(model, last)
+    save_model(model_dir, model, info)
+
+
+def median_time(fn, repeat: int, warmup: bool = False) -> float:
+    """Median wall seconds of `repeat` calls of `fn` (after one uncounted call if `warmup`)."""
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def train_command(
+    images: Path, masks: Path, val_images: Path, val_masks: Path, out: Path, minutes: float
+) -> list[str]:
+    """`biounet train` on a train/validation split for a wall-clock budget (add flags after)."""
+    return [
+        *BIOUNET, "train", "--images", str(images), "--masks", str(masks),
+        "--val-images", str(val_images), "--val-masks", str(val_masks), "--out", str(out),
+        "--steps", "1000000", "--max-minutes", str(minutes),
+    ]  # fmt: skip
+
+
+def split_bench_args(doc: str, name: str, budget: float, rows: str) -> argparse.ArgumentParser:
+    """The flags every train-and-score benchmark shares (data, out, ship, budget, rows)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--data", type=Path, default=Path("../shared/data"))
+    p.add_argument("--out", type=Path, default=Path(f"runs/{name}"))
+    p.add_argument(
+        "--ship",
+        type=Path,
+        default=Path(f"runs/{name}/model_a"),
+        help=f"where row (a) trains its model (models/{name} to ship it)",
+    )
+    p.add_argument("--budget", type=float, default=budget, help="training minutes per row")
+    p.add_argument("--rows", default=rows)
+    p.add_argument("--base-channels", type=int, default=32)
+    return p

@@ -1,0 +1,265 @@
+"""Prediction and training throughput against this machine's compute limit.
+
+One run, one synthetic image (uint8 TIFF, default 4096 x 4096), the paper's network (depth 4,
+base 64) with one set of random He weights shared by every row:
+  (a) `biounet predict MODEL IMAGE --out DIR`, file to file, all defaults (automatic tile and
+      precision), in a child process (its start-up, reading and writing included);
+  (b) MONAI `sliding_window_inference` (roi 512, overlap 0.25, gaussian blending, sw_batch_size
+      4 as in MONAI's examples) over the padded variant with the same weights, fp32 and under
+      bf16 autocast with channels-last (the fast path biounet uses, given to the peer too); in
+      memory (no file reading or writing charged); one run each (minutes long: warm-up is
+      noise);
+  (c) a plain whole-image fp32 forward of the padded variant as milesial/Pytorch-UNet does,
+      at --whole (default 2048 x 2048: 4096 x 4096 does not fit in 24 GB);
+  (d) the compute limit: FLOPs of one pass of the valid network over the whole image (no
+      tiling overhead: `UNetConfig.forward_flops` per output pixel x pixels) divided by the
+      matrix-product FLOP/s measured in this run (bf16 and fp32 4096^3 torch.mm).
+Then a tile sweep (bf16 forward time per output megapixel against tile size) and training:
+tiles/s of `biounet.train.fit` (elastic augmentation + weight maps on, base 64, 388 px
+tiles, the training precision) against the training limit, 3 x the forward FLOPs of a
+572 px tile at the bf16 matrix-product rate.
+
+Usage:  .venv/bin/python bench/throughput.py [--size 4096] [--whole 2048] [--rows a,b,c,t,s]
+Needs MONAI for (b) (`make bench-deps`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+
+from _common import median_time
+from biounet.bundle import ModelInfo, save_model
+from biounet.model import UNet, UNetConfig
+from biounet.normalize import NormalizeConfig, normalize
+from biounet.precision import autocast, memory_format, resolve_precision
+from biounet.tiling import model_forward, plan_tiles
+
+CPU = torch.device("cpu")
+
+
+def matmul_flops(dtype: torch.dtype, n: int = 4096, repeat: int = 5) -> float:
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    return 2 * n**3 / median_time(lambda: torch.mm(a, b), repeat, warmup=True)
+
+
+def flops_per_output_pixel(net: UNetConfig, size: int) -> float:
+    out = net.snap_output(size, up=True)
+    return net.forward_flops(out + 2 * net.margin, out + 2 * net.margin) / out**2
+
+
+def synthetic_image(size: int, seed: int = 0) -> np.ndarray:
+    """Blob-like texture: random noise at 1/8 resolution, upsampled by pixel repetition."""
+    coarse = np.random.default_rng(seed).integers(0, 255, (size // 8 + 1, size // 8 + 1))
+    return np.kron(coarse, np.ones((8, 8)))[:size, :size].astype(np.uint8)
+
+
+def run_child(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of a child process."""
+    t = time.perf_counter()
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}  # the CPU figures, also on a GPU machine
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
+    return time.perf_counter() - t, usage.ru_maxrss / 1024
+
+
+def monai_row(model: UNet, x: torch.Tensor, precision: str) -> float:
+    from monai.inferers import sliding_window_inference
+
+    fmt = memory_format(precision)
+    model = model.to(memory_format=fmt)
+    x = x.contiguous(memory_format=fmt)
+
+    def run() -> None:
+        with torch.inference_mode(), autocast(precision, CPU):
+            sliding_window_inference(x, (512, 512), 4, model, overlap=0.25, mode="gaussian")
+
+    t = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - t
+    model.to(memory_format=torch.contiguous_format)  # as the next rows expect it
+    return seconds
+
+
+def training_rate(net: UNetConfig, steps: int) -> float:
+    """Tiles/s of `fit` after warm-up: (time of 2 + steps) - (time of 2 steps), over steps."""
+    from scipy import ndimage
+
+    from biounet.augment import AugmentConfig
+    from biounet.data import DataConfig, load_sample
+    from biounet.train import TrainConfig, fit
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        samples = []
+        for i in range(4):  # touching disks: the weight map has real borders to weigh
+            centres = rng.uniform(0, 520, (60, 2))
+            yy, xx = np.mgrid[:520, :696]
+            dist = np.full((520, 696), np.inf)
+            labels = np.zeros((520, 696), np.uint16)
+            for k, (cy, cx) in enumerate(centres, 1):
+                d = np.hypot(yy - cy, xx - cx * 696 / 520)
+                closer = (d < 18) & (d < dist)
+                labels[closer], dist[closer] = k, d[closer]
+            image = ndimage.gaussian_filter((labels > 0) * 200.0, 2) + rng.normal(
+                20, 5, labels.shape
+            )
+            tifffile.imwrite(Path(tmp) / f"{i}.tif", image.astype(np.uint16))
+            tifffile.imwrite(Path(tmp) / f"{i}_mask.tif", labels)
+            samples.append(
+                load_sample(
+                    Path(tmp) / f"{i}.tif",
+                    Path(tmp) / f"{i}_mask.tif",
+                    net,
+                    NormalizeConfig(),
+                    DataConfig(),
+                )
+            )
+        info = ModelInfo(net, ("background", "cell"))
+        times = []
+        for n in (2, 2 + steps):
+            cfg = TrainConfig(
+                steps=n,
+                tile=388,
+                val_every=10**6,
+                checkpoint_every=10**6,
+                log_every=10**6,
+                precision="auto",
+            )
+            torch.manual_seed(0)
+            with tempfile.TemporaryDirectory() as out:
+                t = time.perf_counter()
+                fit(Path(out), UNet(net), info, samples, [], cfg, augment=AugmentConfig())
+                times.append(time.perf_counter() - t)
+    return steps / (times[1] - times[0])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, default=4096, help="image side for rows a, b")
+    p.add_argument("--whole", type=int, default=2048, help="image side for row c")
+    p.add_argument("--base-channels", type=int, default=64)
+    p.add_argument("--rows", default="a,b,c,s,t", help="a, b, c, s (tile sweep), t (training)")
+    p.add_argument("--train-steps", type=int, default=6)
+    args = p.parse_args()
+    rows = set(args.rows.split(","))
+    valid = UNetConfig(base_channels=args.base_channels)
+    same = UNetConfig(base_channels=args.base_channels, padding="same")
+    precision = resolve_precision("auto", CPU)
+    fast = "fp32" if precision == "fp32" else "bf16"  # the limit that applies to `auto`
+    print(
+        f"# {time.strftime('%F %H:%M')}, {platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, auto precision = {precision}, "
+        f"U-Net depth 4 base {args.base_channels}"
+    )
+    peak = {"bf16": matmul_flops(torch.bfloat16), "fp32": matmul_flops(torch.float32)}
+    print(
+        f"matrix product 4096^3: bf16 {peak['bf16'] / 1e12:.2f} TFLOP/s, "
+        f"fp32 {peak['fp32'] / 1e12:.2f} TFLOP/s"
+    )
+    mpix = args.size**2 / 1e6
+    work = flops_per_output_pixel(valid, args.size) * args.size**2
+    limit = {k: mpix / (work / v) for k, v in peak.items()}  # megapixels/s at the limit
+    print(
+        f"(d) compute limit, {args.size}^2 ({work / 1e12:.1f} TFLOP, valid network, no "
+        f"tiling overhead): bf16 {limit['bf16']:.3f} MP/s, fp32 {limit['fp32']:.3f} MP/s"
+    )
+    results: dict[str, float] = {}
+    torch.manual_seed(0)
+    model = UNet(valid)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        image = synthetic_image(args.size)
+        if "a" in rows:
+            save_model(tmp / "model", model, ModelInfo(valid, ("background", "foreground")))
+            tifffile.imwrite(tmp / "image.tif", image)
+            plan = plan_tiles(valid, image.shape, bytes_per_value=2 if precision != "fp32" else 4)
+            seconds, rss = run_child(
+                [
+                    sys.executable,
+                    "-m",
+                    "biounet",
+                    "predict",
+                    str(tmp / "model"),
+                    str(tmp / "image.tif"),
+                    "--out",
+                    str(tmp / "pred"),
+                ]  # fmt: skip
+            )
+            results["a"] = mpix / seconds
+            print(
+                f"(a) biounet predict, file to file: {seconds:.1f} s, {results['a']:.3f} MP/s "
+                f"= {results['a'] / limit[fast] * 100:.0f} % of the {fast} limit; auto tile "
+                f"{plan.tile_shape[0]}->{plan.y.tile_out} px, {plan.count(image.shape)} tiles, "
+                f"peak RSS {rss:.0f} MB",
+                flush=True,
+            )
+        x = torch.from_numpy(normalize(image[None], NormalizeConfig()))[None]
+        padded = UNet(same)
+        padded.load_state_dict(model.state_dict())
+        padded.eval()
+        if "b" in rows:
+            for prec in ("fp32", "bf16"):
+                seconds = monai_row(padded, x, prec)
+                results[f"b_{prec}"] = mpix / seconds
+                print(
+                    f"(b) MONAI sliding window, {prec}: {seconds:.1f} s, "
+                    f"{results[f'b_{prec}']:.3f} MP/s",
+                    flush=True,
+                )
+        if "c" in rows:
+            xw = x[..., : args.whole, : args.whole].contiguous()
+            with torch.inference_mode():
+                t = time.perf_counter()
+                padded(xw)
+                seconds = time.perf_counter() - t
+            results["c"] = args.whole**2 / 1e6 / seconds
+            print(
+                f"(c) whole-image fp32 forward, {args.whole}^2: {seconds:.1f} s, "
+                f"{results['c']:.3f} MP/s",
+                flush=True,
+            )
+    if "a" in results:
+        for key, label in (("b_fp32", "MONAI fp32"), ("b_bf16", "MONAI bf16"), ("c", "whole")):
+            if key in results:
+                print(f"    (a) / {label}: {results['a'] / results[key]:.2f}x")
+    if "s" in rows:
+        forward = model_forward(model, precision)
+        print("tile sweep, forward only, batch 1:")
+        for out in (388, 580, 772, 964, 1156):
+            size = out + 2 * valid.margin
+            batch = np.zeros((1, 1, size, size), np.float32)
+            seconds = median_time(lambda b=batch: forward(b), 3, warmup=True)
+            print(
+                f"    tile {size}->{out}: {seconds:.2f} s, {out**2 / 1e6 / seconds:.3f} MP/s "
+                f"(limit {limit[fast]:.3f}), kept/computed area {out**2 / size**2:.2f}",
+                flush=True,
+            )
+    if "t" in rows:
+        rate = training_rate(valid, args.train_steps)
+        train_limit = peak[fast] / (3 * valid.forward_flops(572, 572))
+        print(
+            f"training, 572->388 tiles, augmentation + weight maps: {rate:.3f} tiles/s; "
+            f"limit (3 x forward FLOPs at the {fast} rate) {train_limit:.3f} tiles/s = "
+            f"{rate / train_limit * 100:.0f} %"
+        )
+    print(json.dumps({"limit_mp_s": limit, "matmul_flops": peak, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
