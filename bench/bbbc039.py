@@ -264,10 +264,12 @@ def main() -> None:
             raise SystemExit(f"row {row}: no prediction for {sorted(missing)[:3]}")
         results[name] = score(pred, truth) | meta
         print(name, json.dumps(results[name]), flush=True)
-    path = args.out / "results.json"
-    previous = json.loads(path.read_text())["rows"] if path.is_file() else {}
-    results = previous | results
-    path.write_text(json.dumps({"header": header, "val": val, "rows": results}, indent=2))
+        # Saved after every row: rows from earlier runs are kept, so rows can be rerun alone.
+        path = args.out / "results.json"
+        previous = json.loads(path.read_text())["rows"] if path.is_file() else {}
+        previous[name] = results[name]
+        path.write_text(json.dumps({"header": header, "val": val, "rows": previous}, indent=2))
+    results = json.loads(path.read_text())["rows"]
     print(f"\n# {header}\n")
     print(
         "| method | AP@0.5 | mean AP 0.5:0.95 | F1@0.5 | merges | splits | SEG "

@@ -496,7 +496,7 @@ def test_instance_output_from_a_model_trained_on_instance_masks(tmp_path, capsys
     )
     assert code == 0, err
     config = json.loads((tmp_path / "model" / "config.json").read_text())
-    assert config["postprocess"]["instances"]["expand"] == 1  # carved 2-class training
+    assert config["postprocess"]["instances"]["seed_threshold"] == 0.9  # carved 2-class
     # The third-class variant trains too: contacts become class 2 of a 3-class model.
     args3 = [
         "train",

@@ -76,6 +76,21 @@ def test_holes_are_filled():
     assert labels.max() == 1 and labels[13, 13] == 1
 
 
+def test_a_high_seed_threshold_splits_cells_joined_by_a_faint_gap_without_shrinking_them():
+    truth = touching_disks(2, 3)
+    cell = np.where(truth > 0, 0.95, 0.05).astype(np.float32)
+    cell[touching_borders(truth)] = 0.7  # the network drew the gaps, but only faintly
+    probs = np.stack([1 - cell, cell])
+    merged = instances_from_probabilities(probs, InstanceConfig(expand=0))
+    assert merged.max() == 1  # the gaps are above 0.5: one clump
+    split = instances_from_probabilities(probs, InstanceConfig(seed_threshold=0.9, expand=0))
+    assert split.max() == 6
+    # The extent comes from `threshold`, not from the seeds (pockets between disks are holes).
+    np.testing.assert_array_equal(split > 0, ndimage.binary_fill_holes(truth > 0))
+    scores = instance_scores(split, truth)
+    assert scores["merges"] == 0 and scores["seg"] > 0.9
+
+
 def scattered_clumps(shape=(230, 310), n=60, seed=0):
     """Probabilities of many touching, differently sized disks (and some with holes)."""
     rng = np.random.default_rng(seed)
@@ -95,7 +110,12 @@ def scattered_clumps(shape=(230, 310), n=60, seed=0):
 
 @pytest.mark.parametrize(
     "config",
-    [InstanceConfig(), InstanceConfig(expand=2, min_size=30), InstanceConfig(fill_holes=False)],
+    [
+        InstanceConfig(),
+        InstanceConfig(expand=2, min_size=30),
+        InstanceConfig(fill_holes=False),
+        InstanceConfig(seed_threshold=0.9, expand=0),
+    ],
 )
 @pytest.mark.parametrize("chunk", [37, 64, 1000])
 def test_chunked_post_processing_equals_whole_image(config, chunk):

@@ -64,7 +64,7 @@ def test_bbbc_model_is_complete_small_and_knows_its_post_processing(bbbc_model):
     model, info = bbbc_model
     assert (BBBC / "weights.safetensors").stat().st_size <= 20 * 2**20
     assert info.class_names == ("background", "nucleus")
-    assert info.postprocess["instances"]["expand"] == 1  # carved 2-class training
+    assert info.postprocess["instances"]["seed_threshold"] == 0.9  # carved 2-class training
     assert info.training["command"].startswith("biounet train")
     assert (BBBC / "README.md").is_file()
 

@@ -3,12 +3,12 @@
 The network was trained on targets where the contact pixels of touching cells are background
 (the paper's carved gaps, 2-class models) or a third "border" class (3-class models). So:
 
-1. cell cores = probability of the cell class above a threshold (for 3-class models: cell
-   wins over border and background), with holes filled and objects below `min_size` removed;
+1. cell cores = probability of the cell class above `seed_threshold` (for 3-class models:
+   cell also wins over border), with holes filled and objects below `min_size` removed;
 2. seeds = connected components of the cores (4-connectivity, so cores that touch only at a
    corner stay apart);
-3. the seeds grow back over the foreground (cell or border pixels, or `expand` px of the
-   carved gap for 2-class models) by a watershed on the cell probability, so each pixel goes
+3. the seeds grow back over the foreground (cell, or cell + border, probability above
+   `threshold`), then by `expand` px, by a watershed on the cell probability, so each pixel goes
    to the seed it is best connected to and no seed crosses another;
 4. ids are relabelled 1..N consecutively.
 
@@ -47,12 +47,18 @@ class InstanceConfig:
     border_class : int or None
         Class index of the explicit border class of 3-class models (None for 2-class).
     threshold : float
-        Cell probability above which a pixel is a cell core.
+        Foreground probability (cell, or cell + border) above which a pixel belongs to a cell:
+        sets the cells' extent.
+    seed_threshold : float or None
+        Cell probability above which a pixel is a cell core (a seed); None means `threshold`.
+        Higher than `threshold`, it splits touching cells whose dividing gap the network drew
+        faintly (a gap at p = 0.7 still joins two cores at 0.5, not at 0.9) without shrinking
+        them.
     min_size : int
         Cores smaller than this many pixels are dropped (noise).
     expand : int
-        Pixels by which cells grow back into the background after the watershed: the
-        carved gap of 2-class training is ~1 px per cell (0 for 3-class models).
+        Pixels by which cells grow into the background after the watershed (restores a
+        carved gap where the network draws cells too small).
     fill_holes : bool
         Fill holes inside cores before seeding.
     """
@@ -60,6 +66,7 @@ class InstanceConfig:
     cell_class: int = 1
     border_class: int | None = None
     threshold: float = 0.5
+    seed_threshold: float | None = None
     min_size: int = 15
     expand: int = 1
     fill_holes: bool = True
@@ -90,12 +97,13 @@ def instances_from_probabilities(probs: np.ndarray, config: InstanceConfig) -> n
 def _seeded_labels(probs: np.ndarray, config: InstanceConfig) -> tuple[np.ndarray, np.ndarray]:
     """Labels numbered by their seeds (not consecutive), and the seeds."""
     cell = probs[config.cell_class]
+    seed = config.threshold if config.seed_threshold is None else config.seed_threshold
     if config.border_class is None:
-        cores = cell > config.threshold
-        region = cores
+        cores = cell > seed
+        region = cell > config.threshold
     else:
         border = probs[config.border_class]
-        cores = (cell > config.threshold) & (cell >= border)
+        cores = (cell > seed) & (cell >= border)
         region = (cell + border) > config.threshold
     if config.fill_holes:
         cores = ndimage.binary_fill_holes(cores)
