@@ -543,8 +543,13 @@ def test_stream_writes_instances_but_refuses_probabilities(model_dir, tmp_path, 
     image = np.random.default_rng(0).integers(0, 255, (70, 90)).astype(np.uint8)
     tifffile.imwrite(tmp_path / "a.tif", image)
     argv = ["predict", model_dir, tmp_path / "a.tif", "--out", tmp_path / "o", "--stream"]
-    code, _, err = run(capsys, *argv, "--output", "instances")
+    code, _, err = run(capsys, *argv, "--output", "instances", "--instance-margin", "40")
     assert code == 0, err
     labels = tifffile.imread(tmp_path / "o" / "a.tif")
     assert labels.shape == (70, 90) and labels.dtype == np.uint16
+    code, _, err = run(capsys, *argv[:-1], "--out", tmp_path / "m", "--output", "instances")
+    assert code == 0, err
+    np.testing.assert_array_equal(labels, tifffile.imread(tmp_path / "m" / "a.tif"))
+    code, _, err = run(capsys, *argv, "--output", "instances", "--instance-margin", "20")
+    assert code == 2 and "margin 20 px must exceed" in err
     _bad(capsys, tmp_path, [*argv, "--output", "prob"], ["--stream", "--output prob"])

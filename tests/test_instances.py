@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from biounet.errors import BiounetError
 from biounet.instances import InstanceConfig, instances_from_probabilities, instances_in_chunks
 from biounet.metrics import instance_scores
 from biounet.weightmap import carve_borders, touching_borders
@@ -114,7 +115,7 @@ def scattered_clumps(shape=(230, 310), n=60, seed=0):
         InstanceConfig(),
         InstanceConfig(expand=2, min_size=30),
         InstanceConfig(fill_holes=False),
-        InstanceConfig(seed_threshold=0.9, expand=0),
+        InstanceConfig(seed_threshold=0.9, expand=0, max_hole=8),
     ],
 )
 @pytest.mark.parametrize("chunk", [37, 64, 1000])
@@ -132,15 +133,67 @@ def test_chunked_post_processing_flags_clumps_wider_than_the_margin(caplog):
     probs = one_hot(np.pad(np.ones((20, 120), int), 5), 2)  # one 120 px wide object
     out = np.zeros(probs.shape[1:], np.uint32)
     with caplog.at_level("WARNING", logger="biounet.instances"):
-        instances_in_chunks(probs, out, InstanceConfig(), chunk=32, margin=16)
+        instances_in_chunks(probs, out, InstanceConfig(max_hole=4), chunk=32, margin=16)
     assert "wider than the 16 px margin" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="biounet.instances"):
-        instances_in_chunks(probs, np.zeros_like(out), InstanceConfig(), chunk=32, margin=130)
+        instances_in_chunks(
+            probs, np.zeros_like(out), InstanceConfig(max_hole=4), chunk=32, margin=130
+        )
     assert caplog.text == ""
 
 
 def test_chunked_post_processing_of_an_empty_map():
     out = np.zeros((50, 70), np.uint32)
-    assert instances_in_chunks(one_hot(out.astype(int), 2), out, InstanceConfig(), 16, 8) == 0
+    config = InstanceConfig(max_hole=4)
+    assert instances_in_chunks(one_hot(out.astype(int), 2), out, config, 16, 8) == 0
     assert out.max() == 0
+
+
+def ring_around_a_cell(shape=(160, 160), centre=(70, 80)):
+    """A ring of cell (outer radius 45, inner 35) with a small cell inside its lumen."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    d2 = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2
+    classes = ((d2 <= 45**2) & (d2 >= 35**2)).astype(int)
+    classes[d2 <= 8**2] = 1
+    return one_hot(classes, 2)
+
+
+def test_only_small_holes_are_filled_so_a_cell_inside_a_ring_stays_a_cell():
+    probs = ring_around_a_cell()
+    labels = instances_from_probabilities(probs, InstanceConfig(expand=0))
+    assert labels.max() == 2  # the lumen (70 px across) is not a hole to fill
+    assert labels[70, 80] != labels[70, 80 + 40] and labels[70, 80 + 20] == 0
+
+
+@pytest.mark.parametrize("chunk", [64, 70, 90])
+def test_chunked_post_processing_equals_whole_image_around_a_large_lumen(chunk, caplog):
+    probs = np.pad(ring_around_a_cell(), ((0, 0), (0, 140), (0, 140)), mode="edge")
+    config = InstanceConfig(expand=0)
+    whole = instances_from_probabilities(probs, config)
+    out = np.zeros(whole.shape, np.uint32)
+    with caplog.at_level("WARNING", logger="biounet.instances"):
+        assert instances_in_chunks(probs, out, config, chunk=chunk, margin=100) == 2
+    np.testing.assert_array_equal(out, whole)
+    assert caplog.text == ""
+    with caplog.at_level("WARNING", logger="biounet.instances"):
+        instances_in_chunks(probs, np.zeros_like(out), config, chunk=chunk, margin=40)
+    assert "wider than the 40 px margin" in caplog.text  # the ring does not fit: said so
+
+
+def test_three_class_chunked_post_processing_equals_whole_image():
+    truth = touching_disks(4, 6)
+    classes = (truth > 0).astype(int)
+    classes[touching_borders(truth)] = 2
+    probs = one_hot(classes, 3, blur=0.7)
+    config = InstanceConfig(border_class=2, expand=0, max_hole=8)
+    whole = instances_from_probabilities(probs, config)
+    assert whole.max() == 24
+    out = np.zeros(whole.shape, np.uint32)
+    assert instances_in_chunks(probs, out, config, chunk=23, margin=120) == 24
+    np.testing.assert_array_equal(out, whole)
+
+
+def test_seeds_below_the_cell_threshold_are_refused():
+    with pytest.raises(BiounetError, match="seed_threshold 0.3 is below threshold 0.5"):
+        InstanceConfig(seed_threshold=0.3)

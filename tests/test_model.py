@@ -170,6 +170,9 @@ class _LiveStorage(TorchDispatchMode):
         (UNetConfig(base_channels=8, depth=2), 124, 140),
         (UNetConfig(base_channels=4, depth=4), 380, 364),
         (UNetConfig(base_channels=8, depth=3, padding="same", in_channels=2), 96, 64),
+        # smallest tiles: the peak moves into the contracting path
+        (UNetConfig(base_channels=4, depth=4), 188, 188),
+        (UNetConfig(base_channels=4, depth=4), 284, 188),
     ],
 )
 def test_peak_activations_equal_the_live_storage_of_a_forward_pass(cfg, h, w):

@@ -88,9 +88,8 @@ def test_streamed_instances_equal_in_memory_instances(cell_model, tmp_path, monk
     import biounet.predict
 
     monkeypatch.setattr(biounet.predict, "_INSTANCE_CHUNK", 48)
-    monkeypatch.setattr(biounet.predict, "_INSTANCE_MARGIN", 60)
     model, image = cell_model
-    common = dict(tile=40, precision="fp32", output="instances")
+    common = dict(tile=40, precision="fp32", output="instances", instance_margin=90)
     predict_files(model, [image], tmp_path / "mem", PredictConfig(**common))
     predict_files(model, [image], tmp_path / "stream", PredictConfig(**common, stream_pixels=0))
     streamed = tifffile.imread(tmp_path / "stream" / "cells.tif")

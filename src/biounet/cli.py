@@ -216,7 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--stream",
         action="store_true",
         help="read and write TIFF masks or instances tile by tile whatever their size "
-        "(automatic above 16 megapixels): memory stays flat for images of any size",
+        "(automatic above 16 megapixels): memory stays flat for images of any size; instances "
+        "need 4 x (classes + 1) bytes per pixel of temporary disk in the output folder",
+    )
+    q.add_argument(
+        "--instance-margin",
+        type=int,
+        default=128,
+        help="px of context around each 1024 px block when streaming instances: must exceed "
+        "the widest clump of touching cells (default 128)",
     )
     q.add_argument(
         "--tta",
@@ -535,6 +543,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         overlay=args.overlay,
         tta=args.tta,
         memory_mb=args.memory_mb,
+        instance_margin=args.instance_margin,
         **({"stream_pixels": 0} if args.stream else {}),
     )
     bar = tqdm(unit="tile", dynamic_ncols=True, disable=None, leave=False)

@@ -4,7 +4,7 @@ The network was trained on targets where the contact pixels of touching cells ar
 (the paper's carved gaps, 2-class models) or a third "border" class (3-class models). So:
 
 1. cell cores = probability of the cell class above `seed_threshold` (for 3-class models:
-   cell also wins over border), with holes filled and objects below `min_size` removed;
+   cell also wins over border), with small holes filled and objects below `min_size` removed;
 2. seeds = connected components of the cores (4-connectivity, so cores that touch only at a
    corner stay apart);
 3. the seeds grow back over the foreground (cell, or cell + border, probability above
@@ -33,6 +33,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import expand_labels, relabel_sequential, watershed
 
+from biounet.errors import BiounetError
+
 logger = logging.getLogger(__name__)
 
 
@@ -60,7 +62,11 @@ class InstanceConfig:
         Pixels by which cells grow into the background after the watershed (restores a
         carved gap where the network draws cells too small).
     fill_holes : bool
-        Fill holes inside cores before seeding.
+        Fill holes in the cores and the foreground.
+    max_hole : int
+        Only holes whose bounding box fits in ``max_hole x max_hole`` px are filled: a hole in
+        a nucleus, not the space enclosed by a ring of touching cells (which may hold cells of
+        its own), and a local decision, so blockwise post-processing stays exact.
     """
 
     cell_class: int = 1
@@ -70,6 +76,14 @@ class InstanceConfig:
     min_size: int = 15
     expand: int = 1
     fill_holes: bool = True
+    max_hole: int = 32
+
+    def __post_init__(self) -> None:
+        if self.seed_threshold is not None and self.seed_threshold < self.threshold:
+            raise BiounetError(
+                f"seed_threshold {self.seed_threshold} is below threshold {self.threshold}: "
+                "seeds must lie inside the cells"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,8 +120,8 @@ def _seeded_labels(probs: np.ndarray, config: InstanceConfig) -> tuple[np.ndarra
         cores = (cell > seed) & (cell >= border)
         region = (cell + border) > config.threshold
     if config.fill_holes:
-        cores = ndimage.binary_fill_holes(cores)
-        region = ndimage.binary_fill_holes(region | cores)
+        cores = _fill_small_holes(cores, config.max_hole)
+        region = _fill_small_holes(region | cores, config.max_hole)
     seeds, _ = ndimage.label(cores)
     if config.min_size > 1:
         # bincount rather than skimage's remove_small_objects, whose size argument changed
@@ -119,6 +133,21 @@ def _seeded_labels(probs: np.ndarray, config: InstanceConfig) -> tuple[np.ndarra
     if config.expand > 0:
         labels = expand_labels(labels, distance=config.expand)
     return labels, seeds
+
+
+def _fill_small_holes(mask: np.ndarray, max_side: int) -> np.ndarray:
+    """`mask` with its enclosed background components of bounding box <= max_side filled."""
+    holes, _ = ndimage.label(~mask)  # 4-connected background, as binary_fill_holes floods
+    fill = [False]
+    for box in ndimage.find_objects(holes):
+        fill.append(
+            box is not None
+            and all(
+                b.start > 0 and b.stop < n and b.stop - b.start <= max_side
+                for b, n in zip(box, mask.shape, strict=True)
+            )
+        )
+    return mask | np.asarray(fill)[holes]
 
 
 def instances_in_chunks(
@@ -136,18 +165,22 @@ def instances_in_chunks(
     chunk : int
         Side of the blocks each object is assigned to.
     margin : int
-        Context read around each block: the widest clump of touching cells (plus `expand`)
-        must fit in it for the result to equal the whole-map one.
+        Context read around each block: the widest clump of touching cells (plus `expand`
+        and `max_hole`) must fit in it for the result to equal the whole-map one.
 
     Returns
     -------
     int
-        The number of objects N.
+        The number of objects N. (Where a clump was logged as wider than the margin, a later
+        block may overwrite an earlier one's object, and some of the ids 1..N be missing.)
     """
     _, height, width = probs.shape
     keys = [np.zeros(1, np.int64)]  # per provisional id: raster index of its seed's first pixel
     next_id, too_wide = 1, 0
-    band = 1 + config.expand  # a clump this close to a cut edge may continue beyond it
+    # A clump this close to a cut edge may continue beyond it, or border a hole that does.
+    band = 1 + config.expand + (config.max_hole + 1 if config.fill_holes else 0)
+    if margin <= band:
+        raise BiounetError(f"margin {margin} px must exceed {band} px (expand, max_hole)")
     for y0 in range(0, height, chunk):
         for x0 in range(0, width, chunk):
             y1, x1 = min(y0 + chunk, height), min(x0 + chunk, width)

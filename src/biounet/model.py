@@ -191,7 +191,8 @@ class UNetConfig:
     def peak_activations(self, height: int, width: int) -> int:
         """Feature-map values alive at once in an inference forward pass of one image.
 
-        The peak is in the top decoder level, during its second convolution: the skip maps
+        For all but the smallest tiles, the peak is in the top decoder level (on small ones, in
+        the contracting path), during its second convolution: the skip maps
         still held, the level's input (``C/2`` at half size), the up-convolved map ``C``, its
         concatenation with the skip ``2C`` (the call holds it) and both convolution outputs,
         where C is the level's width, and the input image. For the paper's network: 3.6 values
@@ -206,6 +207,13 @@ class UNetConfig:
         skips = [widths[lv] * enc_h[lv][2] * enc_w[lv][2] for lv in range(self.depth + 1)]
         image = self.in_channels * height * width  # the caller holds it throughout
         peak = image + widths[0] * (enc_h[0][1] * enc_w[0][1] + enc_h[0][2] * enc_w[0][2])
+        for level in range(1, self.depth + 1):
+            (s_h, a_h, b_h), (s_w, a_w, b_w) = enc_h[level], enc_w[level]
+            c = widths[level]
+            # the pooled input (Down's Sequential holds it) and both convolution outputs
+            pooled = widths[level - 1] * s_h * s_w
+            alive = image + sum(skips[:level]) + pooled + c * (a_h * a_w + b_h * b_w)
+            peak = max(peak, alive)
         for i, ((u_h, a_h, b_h), (u_w, a_w, b_w)) in enumerate(zip(dec_h, dec_w, strict=True)):
             level = self.depth - 1 - i
             c = widths[level]

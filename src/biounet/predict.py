@@ -65,6 +65,9 @@ class PredictConfig:
         not grow with the image.
     memory_mb : float
         Budget for the feature maps of one batch of tiles when the tile size is automatic.
+    instance_margin : int
+        Context (px) read around each block when streamed instances are labelled block by
+        block: the widest clump of touching cells must fit in it (wider ones are logged).
     """
 
     tile: int | None = None
@@ -74,8 +77,9 @@ class PredictConfig:
     overlay: bool = False
     halo: int | None = None
     tta: bool = False
-    stream_pixels: int = 16 * 2**20  # TIFF masks larger than this stream tile by tile
+    stream_pixels: int = 16 * 2**20  # TIFF inputs larger than this stream tile by tile
     memory_mb: float = DEFAULT_MEMORY_MB
+    instance_margin: int = 128
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUTS:
@@ -250,36 +254,39 @@ def predict_large(
             with tempfile.TemporaryDirectory(
                 prefix=f".{target.name}.", suffix=".work", dir=target.parent
             ) as work:
-                labels, n = _stream_instances(info, blocks(), (height, width), (ty, tx), Path(work))
+                labels, n = _stream_instances(
+                    info, blocks(), (height, width), (ty, tx), Path(work), config.instance_margin
+                )
                 dtype = np.uint16 if n < 2**16 else np.uint32
                 write(tmp, _read_blocks(labels, (ty, tx), dtype), dtype)
 
 
-# Blocks of 1024 px with 128 px of context each side: clumps of touching cells up to ~128 px
-# across come out exactly as whole-image post-processing gives them (wider ones are logged).
+# Blocks of 1024 px (with `instance_margin` px of context): clumps of touching cells narrower
+# than the margin come out exactly as whole-image post-processing gives them.
 _INSTANCE_CHUNK = 1024
-_INSTANCE_MARGIN = 128
 
 
-def _stream_instances(info: ModelInfo, blocks, shape, block_shape, work: Path):
+def _stream_instances(info: ModelInfo, blocks, shape, block_shape, work: Path, margin: int):
     """Probabilities into a zarr array in `work`, then labels by `instances_in_chunks`."""
     import zarr
 
     height, width = shape
     k = info.net.num_classes
+    # zarr chunks of whole output blocks, >= 512 px: small tiles would make millions of files
+    chunks = tuple(b * -(-512 // b) for b in block_shape)
     probs = zarr.open_array(
         store=str(work / "probs.zarr"), mode="w", shape=(k, height, width),
-        chunks=(k, *block_shape), dtype=np.float32,
+        chunks=(k, *chunks), dtype=np.float32,
     )  # fmt: skip
     for oy, ox, logits in blocks:
         h, w = min(block_shape[0], height - oy), min(block_shape[1], width - ox)
         probs[:, oy : oy + h, ox : ox + w] = softmax(np.array(logits[:, :h, :w], np.float32))
     labels = zarr.open_array(
-        store=str(work / "labels.zarr"), mode="w", shape=shape, chunks=block_shape,
+        store=str(work / "labels.zarr"), mode="w", shape=shape, chunks=chunks,
         dtype=np.uint32, fill_value=0,
     )  # fmt: skip
     post = instance_config(info)
-    n = instances_in_chunks(probs, labels, post, chunk=_INSTANCE_CHUNK, margin=_INSTANCE_MARGIN)
+    n = instances_in_chunks(probs, labels, post, chunk=_INSTANCE_CHUNK, margin=margin)
     return labels, n
 
 

@@ -493,12 +493,14 @@ def train_from_folders(
     val = [load_sample(i, m, info.net, info.normalization, data) for i, m in val_pairs]
     if any(sample.mask_type == "instances" for sample in load):
         # Trained on instance masks: `predict --output instances` needs no further flags.
-        # 2-class: seeds at 0.9 split nuclei joined by a faint gap; the class-balanced loss
-        # draws cells a little large, so no growing back (fitted on BBBC039 training images).
+        # 2-class: seeds at 0.9 split nuclei joined by a faint gap. A carved gap shrinks each
+        # cell by ~1 px, but the class-balanced loss draws cells a little large: no growing
+        # back unless trained without balance (fitted on BBBC039 training images).
+        carved_unbalanced = data.touching == "background" and not data.class_balance
         post = (
             InstanceConfig(border_class=2, expand=0)
             if data.touching == "class"
-            else InstanceConfig(seed_threshold=0.9, expand=0)
+            else InstanceConfig(seed_threshold=0.9, expand=int(carved_unbalanced))
         )
         info = info.replace(postprocess={"instances": post.to_dict()})
     info = info.replace(
