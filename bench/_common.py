@@ -41,6 +41,22 @@ def use_final_weights(model_dir: Path) -> None:
         raise SystemExit(f"{model_dir}: no last checkpoint, and its weights are not the final ones")
     model = UNet(info.net)
     load_weights(model, last)
+    if info.postprocess and "instances" in info.postprocess:
+        # The stored post-processing was fitted to the other weights: fit it again, as
+        # `biounet train` does, on the training images.
+        from biounet.data import DataConfig
+        from biounet.io import list_images, pair_by_stem
+        from biounet.train import fit_postprocess
+
+        t = info.training
+        pairs = [
+            pair
+            for pair in pair_by_stem(list_images(Path(t["images"])), Path(t["masks"]))
+            if pair[0].name in set(t["train_files"])
+        ]
+        data = DataConfig.from_dict(t["data_config"])
+        post = fit_postprocess(model, info, pairs, data, t["train_config"]["precision"])
+        info = info.replace(postprocess={"instances": post.to_dict()})
     save_model(model_dir, model, info)
 
 

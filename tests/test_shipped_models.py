@@ -8,7 +8,7 @@ import pytest
 from biounet.bundle import load_model
 from biounet.instances import instances_from_probabilities
 from biounet.io import read_image, read_mask
-from biounet.metrics import instance_scores, pixel_error, rand_scores
+from biounet.metrics import instance_scores, pixel_error, pool_instance_scores, rand_scores
 from biounet.predict import PredictConfig, instance_config, predict_array
 
 ISBI = Path(__file__).resolve().parents[1] / "models" / "isbi2012"
@@ -64,33 +64,38 @@ def test_bbbc_model_is_complete_small_and_knows_its_post_processing(bbbc_model):
     model, info = bbbc_model
     assert (BBBC / "weights.safetensors").stat().st_size <= 20 * 2**20
     assert info.class_names == ("background", "nucleus")
-    assert info.postprocess["instances"]["seed_threshold"] == 0.9  # carved 2-class training
+    assert info.postprocess["instances"]["seed_threshold"] == 0.8  # fitted on training images
     assert info.training["command"].startswith("biounet train")
     assert (BBBC / "README.md").is_file()
 
 
+def _val_pairs(info, shared_data, n):
+    """The first n validation images of the shipped model (held out from its training)."""
+    for name in sorted(info.training["val_files"])[:n]:
+        yield (
+            read_image(shared_data / "bbbc039" / "images" / name),
+            read_mask(shared_data / "bbbc039" / "masks" / f"{Path(name).stem}.png"),
+        )
+
+
 @pytest.fixture
 def bbbc_val_image(bbbc_model, shared_data):
-    """A validation image of the shipped model (held out from its training)."""
-    _, info = bbbc_model
-    name = sorted(info.training["val_files"])[0]
-    stem = Path(name).stem
-    return (
-        read_image(shared_data / "bbbc039" / "images" / name),
-        read_mask(shared_data / "bbbc039" / "masks" / f"{stem}.png"),
-    )
+    return next(_val_pairs(bbbc_model[1], shared_data, 1))
 
 
-def test_bbbc_model_separates_held_out_nuclei(bbbc_model, bbbc_val_image):
+def test_bbbc_model_separates_held_out_nuclei(bbbc_model, shared_data):
     model, info = bbbc_model
-    image, truth = bbbc_val_image
-    labels = instances_from_probabilities(
-        predict_array(model, info, image, PredictConfig(precision="fp32")), instance_config(info)
-    )
-    scores = instance_scores(labels, truth)
-    # Otsu + watershed scores AP@0.5 0.82 over the validation images (docs/benchmarks.md).
-    assert scores["ap"][0] > 0.8
-    assert abs(scores["n_pred"] - scores["n_true"]) < 0.1 * scores["n_true"]
+    scores = []
+    for image, truth in _val_pairs(info, shared_data, 5):
+        probs = predict_array(model, info, image, PredictConfig(precision="fp32"))
+        scores.append(
+            instance_scores(instances_from_probabilities(probs, instance_config(info)), truth)
+        )
+    pooled = pool_instance_scores(scores)
+    # Otsu + watershed scores AP@0.5 0.82 over all 20 validation images; this model 0.91
+    # (docs/benchmarks.md); over these 5: 0.89.
+    assert pooled["ap"][0] > 0.85
+    assert abs(pooled["n_pred"] - pooled["n_true"]) < 0.1 * pooled["n_true"]
 
 
 def test_tiled_instances_equal_untiled_instances(bbbc_model, bbbc_val_image):
@@ -104,6 +109,6 @@ def test_tiled_instances_equal_untiled_instances(bbbc_model, bbbc_val_image):
     tiled = instances_from_probabilities(
         predict_array(model, info, image, PredictConfig(precision="fp32", tile=100)), post
     )
-    assert whole.max() > 50
+    assert whole.max() > 30  # the first validation image holds ~40 nuclei
     assert np.mean(tiled == whole) > 0.9999  # float rounding may flip a pixel at p = 0.5
     assert tiled.max() == whole.max()

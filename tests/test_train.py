@@ -2,6 +2,7 @@ import csv
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 
 from biounet.bundle import ModelInfo, load_model
@@ -198,3 +199,37 @@ def test_resume_refuses_a_checkpoint_torn_between_steps(disk_folders, tmp_path):
     save_tensors(last / "model.safetensors", model.state_dict(), metadata={"step": "1"})
     with pytest.raises(BiounetError, match="killed while saving"):
         _train(disk_folders, tmp_path / "a", config, resume=True)
+
+
+class _ProbabilityNet(torch.nn.Module):
+    """Stands in for a trained network: the image holds p(cell), the logits say so."""
+
+    def forward(self, x):
+        p = x.clamp(1e-4, 1 - 1e-4)
+        return torch.cat([torch.zeros_like(p), torch.log(p / (1 - p))], dim=1)
+
+
+def test_post_processing_fitted_to_a_network_that_draws_faint_gaps(tmp_path):
+    """Gaps between touching cells at p = 0.65: only seeds above it split them, and cells
+    drawn at their true extent need no growth: the fit must find seeds > 0.65, no growth."""
+    from biounet.instances import InstanceConfig
+    from biounet.normalize import NormalizeConfig
+    from biounet.train import fit_postprocess
+    from biounet.weightmap import touching_borders
+
+    from .test_instances import touching_disks
+
+    (tmp_path / "i").mkdir()
+    (tmp_path / "m").mkdir()
+    pairs = []
+    for k, (rows, cols) in enumerate([(2, 3), (3, 3), (2, 4)]):
+        truth = touching_disks(rows, cols)
+        p = np.where(truth > 0, 0.97, 0.02).astype(np.float32)
+        p[touching_borders(truth)] = 0.65
+        pairs.append((tmp_path / "i" / f"{k}.tif", tmp_path / "m" / f"{k}.tif"))
+        tifffile.imwrite(pairs[-1][0], p)
+        tifffile.imwrite(pairs[-1][1], truth.astype(np.uint16))
+    net = UNetConfig(depth=1, base_channels=2, padding="same")
+    info = ModelInfo(net, ("background", "cell"), normalization=NormalizeConfig(method="none"))
+    post = fit_postprocess(_ProbabilityNet(), info, pairs, DataConfig(), "fp32")
+    assert post == InstanceConfig(seed_threshold=0.7, expand=0)  # the lowest that splits

@@ -20,10 +20,11 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import scipy.special
 import torch
 
 from biounet.augment import AugmentConfig
@@ -37,7 +38,7 @@ from biounet.data import (
     tile_geometry,
 )
 from biounet.errors import BiounetError
-from biounet.instances import InstanceConfig
+from biounet.instances import InstanceConfig, instances_from_probabilities
 from biounet.io import (
     atomic_path,
     ensure_dir,
@@ -46,11 +47,13 @@ from biounet.io import (
     load_tensors,
     pair_by_stem,
     read_json,
+    read_mask,
     save_tensors,
     tensor_metadata,
     write_json,
 )
 from biounet.losses import weighted_cross_entropy
+from biounet.metrics import instance_scores, pool_instance_scores
 from biounet.model import UNet
 from biounet.plots import training_curves
 from biounet.precision import autocast, memory_format, resolve_precision
@@ -491,17 +494,14 @@ def train_from_folders(
         model = UNet(info.net)
     load = [load_sample(i, m, info.net, info.normalization, data) for i, m in train_pairs]
     val = [load_sample(i, m, info.net, info.normalization, data) for i, m in val_pairs]
-    if any(sample.mask_type == "instances" for sample in load):
+    instance_pairs = [
+        pair for pair, sample in zip(train_pairs, load, strict=True)
+        if sample.mask_type == "instances"
+    ]  # fmt: skip
+    if instance_pairs:
         # Trained on instance masks: `predict --output instances` needs no further flags.
-        # 2-class: seeds at 0.9 split nuclei joined by a faint gap. A carved gap shrinks each
-        # cell by ~1 px, but the class-balanced loss draws cells a little large: no growing
-        # back unless trained without balance (fitted on BBBC039 training images).
-        carved_unbalanced = data.touching == "background" and not data.class_balance
-        post = (
-            InstanceConfig(border_class=2, expand=0)
-            if data.touching == "class"
-            else InstanceConfig(seed_threshold=0.9, expand=int(carved_unbalanced))
-        )
+        # A default until the end of training, when it is fitted on training images.
+        post = InstanceConfig(border_class=2 if data.touching == "class" else None)
         info = info.replace(postprocess={"instances": post.to_dict()})
     info = info.replace(
         training={
@@ -534,6 +534,56 @@ def train_from_folders(
         "last": state.history[-1] if state.history else None,
     }
     info = info.replace(training=final)
+    if instance_pairs:
+        shipped, _ = load_model(out_dir)  # the weights saved, which may be the best validated
+        post = fit_postprocess(shipped, info, instance_pairs, data, config.precision, device)
+        info = info.replace(postprocess={"instances": post.to_dict()})
     # Record the final provenance next to whichever weights are current.
     write_json(out_dir / "config.json", info.to_dict())
     return state
+
+
+SEED_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@torch.no_grad()
+def fit_postprocess(
+    model: UNet,
+    info: ModelInfo,
+    pairs: list[tuple[Path, Path]],
+    data: DataConfig,
+    precision: str = "auto",
+    device: torch.device | None = None,
+    max_images: int = 20,
+) -> InstanceConfig:
+    """Instance post-processing fitted to a trained model on (training) image/mask pairs.
+
+    Tries seeds at each of `SEED_THRESHOLDS` and 0 or 1 px of growth (how far cells must
+    grow back depends on how large the network draws them, which depends on the training),
+    and keeps the pair with the best pooled mean AP over IoU 0.5:0.95 on up to `max_images`
+    evenly spaced pairs, scored against their uncarved instance masks.
+    """
+    device = device or torch.device("cpu")
+    forward = model_forward(model.to(device), resolve_precision(precision, device), device)
+    pairs = pairs[:: -(-len(pairs) // max_images)]
+    base = InstanceConfig(border_class=2 if data.touching == "class" else None)
+    configs = [
+        replace(base, seed_threshold=seed, expand=expand)
+        for seed in SEED_THRESHOLDS
+        for expand in (0, 1)
+    ]
+    scores: list[list[dict]] = [[] for _ in configs]
+    for image_path, mask_path in pairs:
+        sample = load_sample(image_path, mask_path, info.net, info.normalization, data)
+        plan = plan_tiles(info.net, sample.classes.shape)
+        probs = scipy.special.softmax(
+            predict_tiled(forward, sample.image, plan, info.net.num_classes), axis=0
+        )
+        truth = read_mask(mask_path)
+        for config, found in zip(configs, scores, strict=True):
+            found.append(instance_scores(instances_from_probabilities(probs, config), truth))
+    mean_ap = [float(np.mean(pool_instance_scores(found)["ap"])) for found in scores]
+    best = configs[int(np.argmax(mean_ap))]
+    log.info("post-processing fitted on %d image(s): %s, mean AP %.3f", len(pairs), best,
+             max(mean_ap))  # fmt: skip
+    return best
