@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import statistics
 import subprocess
@@ -98,3 +99,21 @@ def split_bench_args(doc: str, name: str, budget: float, rows: str) -> argparse.
     p.add_argument("--rows", default=rows)
     p.add_argument("--base-channels", type=int, default=32)
     return p
+
+
+def save_rows(path: Path, header: str, rows: dict, **extra) -> dict:
+    """Merge `rows` into the results file at `path`, keeping earlier runs' other rows (so rows
+    can be rerun one at a time); return all rows."""
+    previous = json.loads(path.read_text())["rows"] if path.is_file() else {}
+    merged = previous | rows
+    path.write_text(json.dumps({"header": header, **extra, "rows": merged}, indent=2))
+    return merged
+
+
+def print_table(header: str, columns: list[tuple[str, object]], rows: dict) -> None:
+    """A markdown table of `rows` (name -> result); `columns`: (title, function of a result)."""
+    print(f"\n# {header}\n")
+    print("| method | " + " | ".join(title for title, _ in columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for name, r in rows.items():
+        print(f"| {name} | " + " | ".join(str(cell(r)) for _, cell in columns) + " |")

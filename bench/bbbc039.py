@@ -43,7 +43,15 @@ from skimage.feature import peak_local_max
 from skimage.filters import threshold_otsu
 from skimage.segmentation import relabel_sequential, watershed
 
-from _common import BIOUNET, run, split_bench_args, train_command, use_final_weights
+from _common import (
+    BIOUNET,
+    print_table,
+    run,
+    save_rows,
+    split_bench_args,
+    train_command,
+    use_final_weights,
+)
 from biounet.io import read_image, read_mask
 from biounet.metrics import instance_scores, pool_instance_scores
 
@@ -264,24 +272,23 @@ def main() -> None:
             raise SystemExit(f"row {row}: no prediction for {sorted(missing)[:3]}")
         results[name] = score(pred, truth) | meta
         print(name, json.dumps(results[name]), flush=True)
-        # Saved after every row: rows from earlier runs are kept, so rows can be rerun alone.
-        path = args.out / "results.json"
-        previous = json.loads(path.read_text())["rows"] if path.is_file() else {}
-        previous[name] = results[name]
-        path.write_text(json.dumps({"header": header, "val": val, "rows": previous}, indent=2))
-    results = json.loads(path.read_text())["rows"]
-    print(f"\n# {header}\n")
-    print(
-        "| method | AP@0.5 | mean AP 0.5:0.95 | F1@0.5 | merges | splits | SEG "
-        "| precision | train min | steps |"
+        # Saved after every row, so an interrupted run keeps the rows it finished.
+        rows = save_rows(args.out / "results.json", header, {name: results[name]}, val=val)
+    print_table(
+        header,
+        [
+            ("AP@0.5", lambda r: f"{r['ap50']:.3f}"),
+            ("mean AP 0.5:0.95", lambda r: f"{r['mean_ap']:.3f}"),
+            ("F1@0.5", lambda r: f"{r['f1_50']:.3f}"),
+            ("merges", lambda r: r["merges"]),
+            ("splits", lambda r: r["splits"]),
+            ("SEG", lambda r: f"{r['seg']:.3f}"),
+            ("precision", lambda r: r["precision"]),
+            ("train min", lambda r: f"{r['train_s'] / 60:.1f}"),
+            ("steps", lambda r: r["steps"]),
+        ],
+        rows,
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, r in results.items():
-        print(
-            f"| {name} | {r['ap50']:.3f} | {r['mean_ap']:.3f} | {r['f1_50']:.3f} | "
-            f"{r['merges']} | {r['splits']} | {r['seg']:.3f} | {r['precision']} | "
-            f"{r['train_s'] / 60:.1f} | {r['steps']} |"
-        )
 
 
 if __name__ == "__main__":

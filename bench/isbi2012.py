@@ -30,7 +30,15 @@ import numpy as np
 import tifffile
 import torch
 
-from _common import BIOUNET, run, split_bench_args, train_command, use_final_weights
+from _common import (
+    BIOUNET,
+    print_table,
+    run,
+    save_rows,
+    split_bench_args,
+    train_command,
+    use_final_weights,
+)
 from biounet.io import read_image, read_mask
 from biounet.metrics import pixel_error, rand_scores, warping_error
 from biounet.normalize import NormalizeConfig, normalize
@@ -334,23 +342,20 @@ def main() -> None:
             raise SystemExit(f"unknown row {row!r}")
         results[name] = score(probs, truths) | meta
         print(name, json.dumps(results[name]), flush=True)
-    # Merge with an earlier run's rows, so rows can be (re)scored one at a time.
-    path = args.out / "results.json"
-    previous = json.loads(path.read_text())["rows"] if path.is_file() else {}
-    results = previous | results
-    path.write_text(json.dumps({"header": header, "rows": results}, indent=2))
-    print(f"\n# {header}\n")
-    print(
-        "| method | pixel error | wrong px @0.5 | Rand error | V_info | warping error "
-        "| train min | steps |"
+    rows = save_rows(args.out / "results.json", header, results)
+    print_table(
+        header,
+        [
+            ("pixel error", lambda r: f"{r['pixel_error']:.4f}"),
+            ("wrong px @0.5", lambda r: f"{r['wrong_pixels']:.4f}"),
+            ("Rand error", lambda r: f"{r['rand_error']:.4f}"),
+            ("V_info", lambda r: f"{r['v_info']:.4f}"),
+            ("warping error", lambda r: f"{r['warping_error']:.5f}"),
+            ("train min", lambda r: f"{r['train_s'] / 60:.1f}"),
+            ("steps", lambda r: r["steps"]),
+        ],
+        rows,
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in results.items():
-        print(
-            f"| {name} | {r['pixel_error']:.4f} | {r['wrong_pixels']:.4f} | "
-            f"{r['rand_error']:.4f} | {r['v_info']:.4f} | {r['warping_error']:.5f} | "
-            f"{r['train_s'] / 60:.1f} | {r['steps']} |"
-        )
 
 
 if __name__ == "__main__":
