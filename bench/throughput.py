@@ -43,7 +43,7 @@ from _common import median_time
 from biounet.bundle import ModelInfo, save_model
 from biounet.model import UNet, UNetConfig
 from biounet.normalize import NormalizeConfig, normalize
-from biounet.precision import autocast, memory_format, resolve_precision
+from biounet.precision import autocast, bytes_per_value, memory_format, resolve_precision
 from biounet.tiling import model_forward, plan_tiles
 
 CPU = torch.device("cpu")
@@ -188,7 +188,7 @@ def main() -> None:
         if "a" in rows:
             save_model(tmp / "model", model, ModelInfo(valid, ("background", "foreground")))
             tifffile.imwrite(tmp / "image.tif", image)
-            plan = plan_tiles(valid, image.shape, bytes_per_value=2 if precision != "fp32" else 4)
+            plan = plan_tiles(valid, image.shape, bytes_per_value=bytes_per_value(precision))
             seconds, rss = run_child(
                 [
                     sys.executable,

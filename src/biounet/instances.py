@@ -150,6 +150,12 @@ def _fill_small_holes(mask: np.ndarray, max_side: int) -> np.ndarray:
     return mask | np.asarray(fill)[holes]
 
 
+def edge_band(config: InstanceConfig) -> int:
+    """Px from a block's cut edge within which a clump may continue beyond the edge, or border
+    a hole that does; `instances_in_chunks` needs a margin wider than this."""
+    return 1 + config.expand + (config.max_hole + 1 if config.fill_holes else 0)
+
+
 def instances_in_chunks(
     probs, out, config: InstanceConfig, chunk: int = 1024, margin: int = 128
 ) -> int:
@@ -177,8 +183,7 @@ def instances_in_chunks(
     _, height, width = probs.shape
     keys = [np.zeros(1, np.int64)]  # per provisional id: raster index of its seed's first pixel
     next_id, too_wide = 1, 0
-    # A clump this close to a cut edge may continue beyond it, or border a hole that does.
-    band = 1 + config.expand + (config.max_hole + 1 if config.fill_holes else 0)
+    band = edge_band(config)
     if margin <= band:
         raise BiounetError(f"margin {margin} px must exceed {band} px (expand, max_hole)")
     for y0 in range(0, height, chunk):

@@ -46,6 +46,11 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def bytes_per_value(precision: str) -> int:
+    """Bytes of one activation value for a resolved precision."""
+    return 4 if precision == "fp32" else 2
+
+
 def memory_format(precision: str) -> torch.memory_format:
     """channels_last lets oneDNN/cuDNN use their fastest reduced-precision convolutions."""
     return torch.contiguous_format if precision == "fp32" else torch.channels_last

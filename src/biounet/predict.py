@@ -15,13 +15,18 @@ import torch
 
 from biounet.bundle import ModelInfo, load_model
 from biounet.errors import BiounetError
-from biounet.instances import InstanceConfig, instances_from_probabilities, instances_in_chunks
+from biounet.instances import (
+    InstanceConfig,
+    edge_band,
+    instances_from_probabilities,
+    instances_in_chunks,
+)
 from biounet.io import ensure_dir, is_image_file, list_images, read_image, write_png, write_tiff
 from biounet.mirror import mirror_crop
 from biounet.model import UNet
 from biounet.normalize import normalize
 from biounet.plots import instance_overlay, overlay, to_uint8
-from biounet.precision import default_device, resolve_precision
+from biounet.precision import bytes_per_value, default_device, resolve_precision
 from biounet.tiling import (
     DEFAULT_MEMORY_MB,
     TilePlan,
@@ -101,7 +106,7 @@ def tile_plan(
         config.halo,
         memory_mb=config.memory_mb,
         batch_size=config.batch_size,
-        bytes_per_value=4 if precision == "fp32" else 2,
+        bytes_per_value=bytes_per_value(precision),
     )
 
 
@@ -194,6 +199,13 @@ def predict_large(
     from biounet.io import LazyImage, atomic_path
     from biounet.normalize import apply_normalization, normalization_params
 
+    if config.output == "instances":  # checked before any work, not after the prediction
+        need = edge_band(instance_config(info))
+        if config.instance_margin <= need:
+            raise BiounetError(
+                f"{path}: instance margin {config.instance_margin} px must exceed {need} px for "
+                f"this model's post-processing; use --instance-margin {need + 1} or more"
+            )
     device = device or default_device()
     precision = resolve_precision(config.precision, device)
     forward = model_forward(model.to(device), precision, device)

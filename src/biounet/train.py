@@ -501,8 +501,7 @@ def train_from_folders(
     if instance_pairs:
         # Trained on instance masks: `predict --output instances` needs no further flags.
         # A default until the end of training, when it is fitted on training images.
-        post = InstanceConfig(border_class=2 if data.touching == "class" else None)
-        info = info.replace(postprocess={"instances": post.to_dict()})
+        info = info.replace(postprocess={"instances": _default_post(data).to_dict()})
     info = info.replace(
         training={
             "command": command,
@@ -546,6 +545,11 @@ def train_from_folders(
 SEED_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 
+def _default_post(data: DataConfig) -> InstanceConfig:
+    """Post-processing for a model trained with `data`: 3 classes where contacts are a class."""
+    return InstanceConfig(border_class=2 if data.touching == "class" else None)
+
+
 @torch.no_grad()
 def fit_postprocess(
     model: UNet,
@@ -566,9 +570,8 @@ def fit_postprocess(
     device = device or torch.device("cpu")
     forward = model_forward(model.to(device), resolve_precision(precision, device), device)
     pairs = pairs[:: -(-len(pairs) // max_images)]
-    base = InstanceConfig(border_class=2 if data.touching == "class" else None)
     configs = [
-        replace(base, seed_threshold=seed, expand=expand)
+        replace(_default_post(data), seed_threshold=seed, expand=expand)
         for seed in SEED_THRESHOLDS
         for expand in (0, 1)
     ]
@@ -582,7 +585,7 @@ def fit_postprocess(
         truth = read_mask(mask_path)
         for config, found in zip(configs, scores, strict=True):
             found.append(instance_scores(instances_from_probabilities(probs, config), truth))
-    mean_ap = [float(np.mean(pool_instance_scores(found)["ap"])) for found in scores]
+    mean_ap = [pool_instance_scores(found)["mean_ap"] for found in scores]
     best = configs[int(np.argmax(mean_ap))]
     log.info("post-processing fitted on %d image(s): %s, mean AP %.3f", len(pairs), best,
              max(mean_ap))  # fmt: skip
