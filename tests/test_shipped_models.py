@@ -11,23 +11,32 @@ from biounet.io import read_image, read_mask
 from biounet.metrics import instance_scores, pixel_error, pool_instance_scores, rand_scores
 from biounet.predict import PredictConfig, instance_config, predict_array
 
-ISBI = Path(__file__).resolve().parents[1] / "models" / "isbi2012"
+MODELS = Path(__file__).resolve().parents[1] / "models"
+ISBI, BBBC = MODELS / "isbi2012", MODELS / "bbbc039"
+
+
+def _shipped(path: Path):
+    if not (path / "config.json").is_file():
+        pytest.skip(f"models/{path.name} is not in this checkout")
+    return load_model(path)
 
 
 @pytest.fixture(scope="module")
 def isbi_model():
-    if not (ISBI / "config.json").is_file():
-        pytest.skip("models/isbi2012 is not in this checkout")
-    return load_model(ISBI)
+    return _shipped(ISBI)
+
+
+def _complete_and_small(path: Path, info) -> None:
+    assert (path / "weights.safetensors").stat().st_size <= 20 * 2**20
+    assert info.training["command"].startswith("biounet train")
+    assert (path / "README.md").is_file()
 
 
 def test_isbi_model_is_complete_and_small(isbi_model):
     model, info = isbi_model
-    assert (ISBI / "weights.safetensors").stat().st_size <= 20 * 2**20
+    _complete_and_small(ISBI, info)
     assert info.class_names == ("interior", "membrane")
     assert info.net.padding == "valid" and info.net.depth == 4
-    assert info.training["command"].startswith("biounet train")
-    assert (ISBI / "README.md").is_file()
 
 
 def test_isbi_model_segments_a_held_out_slice(isbi_model, shared_data):
@@ -50,23 +59,16 @@ def test_bf16_and_fp32_masks_agree_on_an_isbi_image(isbi_model, shared_data):
     assert np.mean(fp32 == bf16) >= 0.999
 
 
-BBBC = Path(__file__).resolve().parents[1] / "models" / "bbbc039"
-
-
 @pytest.fixture(scope="module")
 def bbbc_model():
-    if not (BBBC / "config.json").is_file():
-        pytest.skip("models/bbbc039 is not in this checkout")
-    return load_model(BBBC)
+    return _shipped(BBBC)
 
 
 def test_bbbc_model_is_complete_small_and_knows_its_post_processing(bbbc_model):
     model, info = bbbc_model
-    assert (BBBC / "weights.safetensors").stat().st_size <= 20 * 2**20
+    _complete_and_small(BBBC, info)
     assert info.class_names == ("background", "nucleus")
     assert info.postprocess["instances"]["seed_threshold"] == 0.8  # fitted on training images
-    assert info.training["command"].startswith("biounet train")
-    assert (BBBC / "README.md").is_file()
 
 
 def _val_pairs(info, shared_data, n):
