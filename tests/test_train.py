@@ -23,8 +23,10 @@ def _train(folders, out, config, **kw):
     return train_from_folders(images, masks, out, _info(), config, DataConfig(), **kw)
 
 
-def test_interrupted_and_resumed_run_ends_with_the_same_weights(disk_folders, tmp_path):
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(disk_folders, tmp_path, schedule):
     config = TrainConfig(
+        lr_schedule=schedule,
         steps=6,
         batch_size=2,
         tile=28,
@@ -233,3 +235,30 @@ def test_post_processing_fitted_to_a_network_that_draws_faint_gaps(tmp_path):
     info = ModelInfo(net, ("background", "cell"), normalization=NormalizeConfig(method="none"))
     post = fit_postprocess(_ProbabilityNet(), info, pairs, DataConfig(), "fp32")
     assert post == InstanceConfig(seed_threshold=0.7, expand=0)  # the lowest that splits
+
+
+def test_cosine_schedule_follows_steps_or_time_whichever_is_further():
+    from biounet.train import lr_factor
+
+    steps = TrainConfig(steps=100, lr_schedule="cosine")
+    assert lr_factor(steps, 0, 0.0) == 1.0
+    assert lr_factor(steps, 50, 0.0) == pytest.approx(0.5)
+    assert lr_factor(steps, 100, 0.0) == pytest.approx(0.0)
+    assert lr_factor(steps, 150, 0.0) == pytest.approx(0.0)  # never rises again
+    timed = TrainConfig(steps=1_000_000, max_minutes=10, lr_schedule="cosine")
+    assert lr_factor(timed, 10, 150.0) == pytest.approx((1 + np.cos(np.pi / 4)) / 2)
+    assert lr_factor(timed, 10, 600.0) == pytest.approx(0.0)
+    assert lr_factor(TrainConfig(steps=100), 99, 1e9) == 1.0  # constant
+    with pytest.raises(Exception, match="lr_schedule must be one of constant, cosine"):
+        TrainConfig(lr_schedule="step")
+
+
+def test_cosine_schedule_is_applied_and_logged(disk_folders, tmp_path):
+    config = TrainConfig(
+        steps=8, batch_size=1, tile=28, lr=0.01, log_every=1, lr_schedule="cosine", precision="fp32"
+    )
+    _train(disk_folders, tmp_path / "m", config)
+    with (tmp_path / "m" / "training.csv").open() as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f)]
+    expected = [0.01 * (1 + np.cos(np.pi * s / 8)) / 2 for s in range(8)]
+    np.testing.assert_allclose(lrs, expected, rtol=1e-6)

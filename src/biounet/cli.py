@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="learning rate (default 0.001)",
     )
+    q.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="cosine: decay the learning rate to 0 over --steps or --max-minutes, "
+        "whichever ends first (default constant)",
+    )
     q.add_argument("--momentum", type=float, default=0.99)
     q.add_argument("--weight-decay", type=float, default=0.0)
     q.add_argument("--seed", type=int, default=0)
@@ -417,6 +424,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         tile=args.tile,
         optimizer=args.optimizer,
         lr=lr,
+        lr_schedule=args.lr_schedule,
         momentum=args.momentum,
         weight_decay=args.weight_decay,
         seed=args.seed,

@@ -72,6 +72,9 @@ CSV_FIELDS = (
 )
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings.
@@ -96,15 +99,40 @@ class TrainConfig:
     num_workers: int = 0
     precision: str = "auto"
     max_minutes: float | None = None  # wall-clock budget; training stops at steps or budget
+    # "cosine": lr * (1 + cos(pi * progress)) / 2, progress = the larger of the fractions of
+    # steps and of the time budget spent, so a wall-clock run also ends at a small lr and its
+    # last weights are not a random point of a noisy batch-1 trajectory.
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adam"):
             raise BiounetError(f"optimizer must be sgd or adam, not {self.optimizer!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise BiounetError(
+                f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}"
+            )
         for name in ("steps", "batch_size", "val_every", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise BiounetError(f"{name} must be >= 1")
         if not self.lr > 0:
             raise BiounetError("learning rate must be > 0")
+
+
+def lr_factor(config: TrainConfig, step: int, elapsed_s: float) -> float:
+    """Learning-rate multiplier for the step after `step` steps and `elapsed_s` seconds.
+
+    Returns
+    -------
+    float
+        1 for ``"constant"``; for ``"cosine"`` it falls from 1 to 0 over the run, the run's
+        progress being the larger of ``step / steps`` and ``elapsed_s / max_minutes``.
+    """
+    if config.lr_schedule == "constant":
+        return 1.0
+    progress = step / config.steps
+    if config.max_minutes:
+        progress = max(progress, elapsed_s / (60 * config.max_minutes))
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 @dataclass
@@ -218,6 +246,8 @@ def fit(
     try:
         for image, target, weight in loader:
             t_step = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * lr_factor(config, step, t_step - t_start)
             step += 1
             torch.manual_seed(config.seed * 1_000_003 + step)  # dropout draws, reproducible
             image = image.to(device).to(memory_format=fmt)
