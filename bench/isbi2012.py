@@ -79,6 +79,9 @@ def score(probs: list[np.ndarray], truths: list[np.ndarray]) -> dict:
                 "wrong_pixels": px["pixel_error"],
                 "rand_error": rs["rand_error"],
                 "v_rand": rs["v_rand"],
+                "v_rand_split": rs["v_rand_split"],
+                "v_rand_merge": rs["v_rand_merge"],
+                "rand_threshold": rs["rand_threshold"],
                 "v_info": rs["v_info"],
                 "warping_error": warping_error(p, t)["warping_error"],
             }
@@ -261,6 +264,18 @@ def main() -> None:
         "between two cells, the paper's 10 draws membranes too thick)",
     )
     p.add_argument(
+        "--lr-schedule",
+        default="cosine",
+        help="rows a, b: learning-rate schedule (cosine: decays to 0 over the budget)",
+    )
+    p.add_argument("--batch-norm", action="store_true", help="row (a): batch normalisation")
+    p.add_argument("--seed", type=int, default=0, help="row (a): training seed")
+    p.add_argument(
+        "--no-class-balance",
+        action="store_true",
+        help="row (a): border term only, no class-frequency balance w_c",
+    )
+    p.add_argument(
         "--skip-train",
         action="store_true",
         help="rows a, b: score the models already trained in --ship and --out",
@@ -293,6 +308,12 @@ def main() -> None:
                     "float16",
                     "--w0",
                     str(args.w0),
+                    "--lr-schedule",
+                    args.lr_schedule,
+                    *(["--batch-norm"] if args.batch_norm else []),
+                    *(["--no-class-balance"] if args.no_class_balance else []),
+                    "--seed",
+                    str(args.seed),
                     "--val-every",
                     "200",
                     "--checkpoint-every",
@@ -302,8 +323,13 @@ def main() -> None:
                 not args.no_tta,
                 args.skip_train,
             )
-            name = f"(a) biounet U-Net, valid, elastic + weight map w0={args.w0:g}" + (
-                ", TTA" if not args.no_tta else ""
+            name = (
+                f"(a) biounet U-Net, valid, elastic + weight map w0={args.w0:g}, "
+                f"lr {args.lr_schedule}"
+                + (", batch norm" if args.batch_norm else "")
+                + (", no class balance" if args.no_class_balance else "")
+                + (f", seed {args.seed}" if args.seed else "")
+                + (", TTA" if not args.no_tta else "")
             )
         elif row == "b":
             probs, meta = biounet_row(
@@ -318,6 +344,8 @@ def main() -> None:
                     "--no-augment",
                     "--w0",
                     "0",
+                    "--lr-schedule",
+                    args.lr_schedule,
                     "--optimizer",
                     "adam",
                     "--lr",
@@ -331,7 +359,7 @@ def main() -> None:
                 False,
                 args.skip_train,
             )
-            name = "(b) padded U-Net, no elastic, no weight map"
+            name = f"(b) padded U-Net, no elastic, no weight map, lr {args.lr_schedule}"
         elif row == "c":
             probs, meta = monai_row(args.data, args.budget)
             name = "(c) MONAI BasicUNet + DiceCELoss"
@@ -340,6 +368,8 @@ def main() -> None:
             name = "(d) smoothed intensity threshold"
         else:
             raise SystemExit(f"unknown row {row!r}")
+        # Kept for later looks (thresholds, split/merge parts) without retraining.
+        tifffile.imwrite(args.out / f"probs_{row}.tif", np.stack(probs).astype(np.float32))
         results[name] = score(probs, truths) | meta
         print(name, json.dumps(results[name]), flush=True)
     rows = save_rows(args.out / "results.json", header, results)
