@@ -270,6 +270,7 @@ def main() -> None:
     )
     p.add_argument("--batch-norm", action="store_true", help="row (a): batch normalisation")
     p.add_argument("--seed", type=int, default=0, help="row (a): training seed")
+    p.add_argument("--tile", type=int, default=388, help="row (a): output tile side")
     p.add_argument(
         "--no-class-balance",
         action="store_true",
@@ -314,6 +315,8 @@ def main() -> None:
                     *(["--no-class-balance"] if args.no_class_balance else []),
                     "--seed",
                     str(args.seed),
+                    "--tile",
+                    str(args.tile),
                     "--val-every",
                     "200",
                     "--checkpoint-every",
@@ -329,6 +332,7 @@ def main() -> None:
                 + (", batch norm" if args.batch_norm else "")
                 + (", no class balance" if args.no_class_balance else "")
                 + (f", seed {args.seed}" if args.seed else "")
+                + (f", tile {args.tile}" if args.tile != 388 else "")
                 + (", TTA" if not args.no_tta else "")
             )
         elif row == "b":
