@@ -90,7 +90,6 @@ def score(probs: list[np.ndarray], truths: list[np.ndarray]) -> dict:
 
 
 def biounet_row(
-    name: str,
     dirs: dict,
     model: Path,
     budget: float,
@@ -115,7 +114,7 @@ def biounet_row(
             shutil.rmtree(model)
         t_train = run(train_cmd)
     use_final_weights(model)
-    pred = out / f"pred_{name}"
+    pred = out / f"pred_{model.name}"  # one folder per model: variants of a row keep theirs
     predict_cmd = [
         *BIOUNET,
         "predict",
@@ -265,6 +264,7 @@ def main() -> None:
     )
     p.add_argument(
         "--lr-schedule",
+        choices=("constant", "cosine"),
         default="cosine",
         help="rows a, b: learning-rate schedule (cosine: decays to 0 over the budget)",
     )
@@ -295,7 +295,6 @@ def main() -> None:
     for row in args.rows.split(","):
         if row == "a":
             probs, meta = biounet_row(
-                "a",
                 dirs,
                 args.ship,
                 args.budget,
@@ -337,7 +336,6 @@ def main() -> None:
             )
         elif row == "b":
             probs, meta = biounet_row(
-                "b",
                 dirs,
                 args.out / "model_b",
                 args.budget,
@@ -373,7 +371,8 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown row {row!r}")
         # Kept for later looks (thresholds, split/merge parts) without retraining.
-        tifffile.imwrite(args.out / f"probs_{row}.tif", np.stack(probs).astype(np.float32))
+        tag = args.ship.name if row == "a" else row  # variants of (a) differ by --ship
+        tifffile.imwrite(args.out / f"probs_{tag}.tif", np.stack(probs).astype(np.float32))
         results[name] = score(probs, truths) | meta
         print(name, json.dumps(results[name]), flush=True)
     rows = save_rows(args.out / "results.json", header, results)
