@@ -77,6 +77,9 @@ def score(probs: list[np.ndarray], truths: list[np.ndarray]) -> dict:
             {
                 "pixel_error": px["pixel_fscore_error"],
                 "wrong_pixels": px["pixel_error"],
+                # Where the wrong pixels are: drawn too thick, or gaps.
+                "false_membrane": float(np.mean((p > 0.5) & ~t)),
+                "missed_membrane": float(np.mean((p <= 0.5) & t)),
                 "rand_error": rs["rand_error"],
                 "v_rand": rs["v_rand"],
                 "v_rand_split": rs["v_rand_split"],
