@@ -7,6 +7,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import tifffile
+import torch
 
 from biounet.cli import main
 from biounet.model import UNetConfig
@@ -376,6 +377,27 @@ def test_bad_validation_images_without_masks(train_args, disk_folders, tmp_path,
 
 def test_bad_negative_elastic_std_is_a_clean_error(train_args, tmp_path, capsys):
     _bad(capsys, tmp_path, [*train_args, "--elastic-std", "-1"], ["--elastic-std"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch sees no GPU")
+def test_bad_device_cuda_without_a_gpu(train_args, model_dir, tmp_path, capsys):
+    _bad(capsys, tmp_path, [*train_args, "--device", "cuda"], ["--device cuda"], tmp_path / "new")
+    image = tmp_path / "x.png"
+    iio.imwrite(image, np.zeros((20, 20), np.uint8))
+    predict = ["predict", model_dir, image, "--out", tmp_path / "o", "--device", "cuda"]
+    _bad(capsys, tmp_path, predict, ["--device cuda"], tmp_path / "o")
+
+
+def test_explicit_cpu_device_trains_and_predicts(train_args, tmp_path, capsys):
+    code, out, err = run(capsys, *train_args, "--device", "cpu")
+    assert code == 0, err
+    image = tmp_path / "x.png"
+    iio.imwrite(image, np.zeros((20, 20), np.uint8))
+    code, out, err = run(
+        capsys, "predict", tmp_path / "new", image, "--out", tmp_path / "o", "--device", "cpu"
+    )
+    assert code == 0, err
+    assert tifffile.imread(tmp_path / "o" / "x.tif").shape == (20, 20)
 
 
 def test_relative_data_paths_are_found_under_biounet_data(

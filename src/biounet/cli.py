@@ -152,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
         "where a worker competes with the compute threads; else up to 4)",
     )
     q.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    q.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="auto (default): the GPU where torch sees one, else the CPU",
+    )
     q.set_defaults(func=cmd_train)
 
     q = sub.add_parser("evaluate", help="score predictions against ground truth")
@@ -239,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="average over the 8 rotations/flips of each image (8x slower, smoother borders)",
     )
     q.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    q.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="auto (default): the GPU where torch sees one, else the CPU",
+    )
     q.set_defaults(func=cmd_predict)
     return p
 
@@ -405,6 +417,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from biounet.io import list_images, read_image
+    from biounet.precision import parse_device
     from biounet.train import TrainConfig, train_from_folders
 
     images, masks = _data_path(args.images), _data_path(args.masks)
@@ -465,6 +478,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             },
             callback=on_step,
             command=_command_line(args),
+            device=parse_device(args.device),
         )
     finally:
         bar.close()
@@ -536,6 +550,7 @@ def cmd_augment(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from biounet.precision import parse_device
     from biounet.predict import PredictConfig, predict_files
 
     if args.stream and (args.output == "prob" or args.tta or args.overlay):
@@ -569,7 +584,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     ]
     try:
         written = predict_files(
-            args.model_dir, inputs, args.out, config, on_file=on_file, progress=progress
+            args.model_dir,
+            inputs,
+            args.out,
+            config,
+            device=parse_device(args.device),
+            on_file=on_file,
+            progress=progress,
         )
     finally:
         bar.close()

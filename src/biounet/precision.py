@@ -58,3 +58,17 @@ def memory_format(precision: str) -> torch.memory_format:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def parse_device(name: str) -> torch.device:
+    """The device named by `name`: auto (CUDA where torch sees a GPU, else CPU), cpu or cuda."""
+    if name not in DEVICES:
+        raise BiounetError(f"device must be one of {DEVICES}, not {name!r}")
+    if name == "auto":
+        return default_device()
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BiounetError("--device cuda: torch sees no CUDA device (CPU-only build or no GPU)")
+    return torch.device(name)

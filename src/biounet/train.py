@@ -212,6 +212,7 @@ def fit(
     is_main = rank == 0
     precision = resolve_precision(config.precision, device)
     fmt = memory_format(precision)
+    log.info("training on %s in %s", device, precision)
     model.to(device).to(memory_format=fmt)
     optimizer = make_optimizer(model, config)
     state = TrainState()
