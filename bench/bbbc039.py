@@ -121,6 +121,8 @@ def biounet_row(
             str(pred),
             "--output",
             "instances",
+            "--device",
+            "cpu",
         ]
     )
     config = json.loads((model / "config.json").read_text())

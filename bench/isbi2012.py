@@ -11,9 +11,10 @@ validates (no random pick: neighbours are near-duplicates). Metrics on 20-24: IS
 (1 - best pixel F-score), fraction of wrong pixels at 0.5, Rand error (1 - V_rand),
 V_info and the warping error, all from `biounet.metrics`.
 
-Usage:
-  .venv/bin/python bench/isbi2012.py --data ../shared/data --budget 15 --out runs/isbi2012 \
-      --ship models/isbi2012
+Usage (every row, (a) with the shipped model's recipe; docs/benchmarks.md has the commands
+of each published row):
+  .venv/bin/python bench/isbi2012.py --data ../shared/data --budget 20 --out runs/isbi2012 \
+      --w0 3 --no-class-balance --batch-size 4 --tile 196
 Needs MONAI for row (c): `.venv/bin/pip install -c constraints.txt monai` (`make bench-deps`).
 """
 
@@ -127,6 +128,8 @@ def biounet_row(
         str(pred),
         "--output",
         "prob",
+        "--device",
+        "cpu",
     ] + (["--tta"] if tta else [])
     t_pred = run(predict_cmd)
     probs = [tifffile.imread(pred / f"{s}.tif")[1] for s in VAL]
@@ -228,6 +231,8 @@ def monai_row(
     transforms.set_random_state(seed)
     device = device or torch.device("cpu")
     precision = resolve_precision("auto", device)  # bf16 autocast where fast: a fair peer
+    if precision == "fp16":  # this loop has no loss scaling; fp16 gradients would underflow
+        precision = "fp32"
     net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=2).to(device)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)

@@ -68,7 +68,18 @@ def child(model: str, image: str, out: str, precision: str, output: str) -> None
     from biounet.cli import main
 
     t = time.perf_counter()
-    argv = ["predict", model, image, "--out", out, "--precision", precision, "--stream"]
+    argv = [
+        "predict",
+        model,
+        image,
+        "--out",
+        out,
+        "--precision",
+        precision,
+        "--stream",
+        "--device",
+        "cpu",
+    ]
     code = main([*argv, "--output", output])
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"code": code, "peak_rss_mb": peak_mb, "seconds": time.perf_counter() - t}))

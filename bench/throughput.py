@@ -199,6 +199,8 @@ def main() -> None:
                     str(tmp / "image.tif"),
                     "--out",
                     str(tmp / "pred"),
+                    "--device",
+                    "cpu",
                 ]  # fmt: skip
             )
             results["a"] = mpix / seconds

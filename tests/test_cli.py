@@ -379,8 +379,8 @@ def test_bad_negative_elastic_std_is_a_clean_error(train_args, tmp_path, capsys)
     _bad(capsys, tmp_path, [*train_args, "--elastic-std", "-1"], ["--elastic-std"])
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch sees no GPU")
-def test_bad_device_cuda_without_a_gpu(train_args, model_dir, tmp_path, capsys):
+def test_bad_device_cuda_without_a_gpu(train_args, model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     _bad(capsys, tmp_path, [*train_args, "--device", "cuda"], ["--device cuda"], tmp_path / "new")
     image = tmp_path / "x.png"
     iio.imwrite(image, np.zeros((20, 20), np.uint8))
@@ -388,16 +388,25 @@ def test_bad_device_cuda_without_a_gpu(train_args, model_dir, tmp_path, capsys):
     _bad(capsys, tmp_path, predict, ["--device cuda"], tmp_path / "o")
 
 
-def test_explicit_cpu_device_trains_and_predicts(train_args, tmp_path, capsys):
-    code, out, err = run(capsys, *train_args, "--device", "cpu")
+def test_device_flag_reaches_training_and_prediction(train_args, tmp_path, capsys, monkeypatch):
+    code, _, err = run(capsys, *train_args, "--device", "cpu", "--precision", "fp32")
     assert code == 0, err
-    image = tmp_path / "x.png"
-    iio.imwrite(image, np.zeros((20, 20), np.uint8))
-    code, out, err = run(
-        capsys, "predict", tmp_path / "new", image, "--out", tmp_path / "o", "--device", "cpu"
+    training = json.loads((tmp_path / "new" / "config.json").read_text())["training"]
+    assert (training["device"], training["precision"]) == ("cpu", "fp32")
+    import biounet.predict
+
+    seen = {}
+
+    def fake_predict_files(model_dir, inputs, out, config, device=None, **kwargs):
+        seen["device"] = device
+        return []
+
+    monkeypatch.setattr(biounet.predict, "predict_files", fake_predict_files)
+    code, _, err = run(
+        capsys, "predict", tmp_path / "new", tmp_path, "--out", tmp_path / "o", "--device", "cpu"
     )
     assert code == 0, err
-    assert tifffile.imread(tmp_path / "o" / "x.tif").shape == (20, 20)
+    assert seen["device"] == torch.device("cpu")
 
 
 def test_relative_data_paths_are_found_under_biounet_data(

@@ -37,6 +37,10 @@ def test_isbi_model_is_complete_and_small(isbi_model):
     _complete_and_small(ISBI, info)
     assert info.class_names == ("interior", "membrane")
     assert info.net.padding == "valid" and info.net.depth == 4
+    # The recipe its README and docs/benchmarks.md describe.
+    train, data = info.training["train_config"], info.training["data_config"]
+    assert (train["batch_size"], train["tile"], train["lr_schedule"]) == (4, 196, "cosine")
+    assert (data["class_balance"], data["border_w0"]) == (False, 3.0)
 
 
 def test_isbi_model_segments_a_held_out_slice(isbi_model, shared_data):
@@ -46,9 +50,10 @@ def test_isbi_model_segments_a_held_out_slice(isbi_model, shared_data):
     truth = read_mask(shared_data / "isbi2012" / "labels" / "24.png") == 0
     probs = predict_array(model, info, image, PredictConfig(precision="fp32"))
     membrane = probs[1]
-    # The smoothed-threshold baseline scores 0.11 pixel error and 0.34 Rand error here.
-    assert pixel_error(membrane, truth)["pixel_fscore_error"] < 0.09
-    assert rand_scores(membrane, truth)["rand_error"] < 0.3
+    # The smoothed-threshold baseline scores 0.11 pixel error and 0.34 Rand error on 20-24; this
+    # model scores 0.046 and 0.10 on slice 24 (fp32, no TTA): a margin for other CPUs' numerics.
+    assert pixel_error(membrane, truth)["pixel_fscore_error"] < 0.06
+    assert rand_scores(membrane, truth)["rand_error"] < 0.15
 
 
 def test_bf16_and_fp32_masks_agree_on_an_isbi_image(isbi_model, shared_data):

@@ -558,7 +558,11 @@ def train_from_folders(
         callback=callback,
         device=device,
     )
+    device = device or torch.device("cpu")
     final = info.training | {
+        # Where and how it ran: the command line under --device auto does not say.
+        "device": device.type,
+        "precision": resolve_precision(config.precision, device),
         "steps_done": state.step,
         "best_val_dice": _finite_or_none(state.best_val_dice),
         "last": state.history[-1] if state.history else None,
