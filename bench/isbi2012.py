@@ -93,6 +93,14 @@ def score(probs: list[np.ndarray], truths: list[np.ndarray]) -> dict:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
+def predict_command(model: Path, images: Path, pred: Path, tta: bool, device: str) -> list[str]:
+    """`biounet predict` of membrane probabilities for the validation slices."""
+    return [
+        *BIOUNET, "predict", str(model), str(images), "--out", str(pred), "--output", "prob",
+        "--device", device, *(["--tta"] if tta else []),
+    ]  # fmt: skip
+
+
 def biounet_row(
     dirs: dict,
     model: Path,
@@ -119,19 +127,7 @@ def biounet_row(
         t_train = run(train_cmd)
     use_final_weights(model)
     pred = out / f"pred_{model.name}"  # one folder per model: variants of a row keep theirs
-    predict_cmd = [
-        *BIOUNET,
-        "predict",
-        str(model),
-        str(dirs["val_images"]),
-        "--out",
-        str(pred),
-        "--output",
-        "prob",
-        "--device",
-        "cpu",
-    ] + (["--tta"] if tta else [])
-    t_pred = run(predict_cmd)
+    t_pred = run(predict_command(model, dirs["val_images"], pred, tta, "cpu"))
     probs = [tifffile.imread(pred / f"{s}.tif")[1] for s in VAL]
     config = json.loads((model / "config.json").read_text())
     return probs, {
@@ -239,9 +235,7 @@ def monai_row(
     rng = np.random.default_rng(seed)
     t0, step_count = time.perf_counter(), 0
     net.train()
-    while (steps is None and time.perf_counter() - t0 < 60 * budget) or (
-        steps is not None and step_count < steps
-    ):
+    while step_count < steps if steps is not None else time.perf_counter() - t0 < 60 * budget:
         batch = [transforms(items[i]) for i in rng.integers(0, len(items), 4)]
         x = torch.stack([torch.as_tensor(b["image"]) for b in batch]).float().to(device)
         y = torch.stack([torch.as_tensor(b["label"]) for b in batch]).float().to(device)

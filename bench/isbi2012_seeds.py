@@ -33,7 +33,7 @@ import tifffile
 import torch
 
 from _common import BIOUNET, use_final_weights
-from isbi2012 import VAL, make_split, monai_row, score, truth_membranes
+from isbi2012 import VAL, make_split, monai_row, predict_command, score, truth_membranes
 
 # Row (a) of bench/isbi2012.py and variants of it: flags after `biounet train`.
 A = [
@@ -91,11 +91,7 @@ def one_run(args, dirs, truths, recipe: str, steps: int, seed: int, threads: int
     else:
         use_final_weights(model)
         pred = args.out / f"pred_{name}"
-        run_quiet(
-            [*BIOUNET, "predict", str(model), str(dirs["val_images"]), "--out", str(pred),
-             "--output", "prob", "--tta"],
-            log, env,
-        )  # fmt: skip
+        run_quiet(predict_command(model, dirs["val_images"], pred, True, "auto"), log, env)
         probs = [tifffile.imread(pred / f"{s}.tif")[1] for s in VAL]
         done = json.loads((model / "config.json").read_text())["training"]["steps_done"]
     result = score(probs, truths) | {

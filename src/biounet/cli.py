@@ -152,12 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         "where a worker competes with the compute threads; else up to 4)",
     )
     q.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    q.add_argument(
-        "--device",
-        default="auto",
-        choices=("auto", "cpu", "cuda"),
-        help="auto (default): the GPU where torch sees one, else the CPU",
-    )
+    _device_flag(q)
     q.set_defaults(func=cmd_train)
 
     q = sub.add_parser("evaluate", help="score predictions against ground truth")
@@ -245,14 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="average over the 8 rotations/flips of each image (8x slower, smoother borders)",
     )
     q.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    _device_flag(q)
+    q.set_defaults(func=cmd_predict)
+    return p
+
+
+def _device_flag(q: argparse.ArgumentParser) -> None:
     q.add_argument(
         "--device",
         default="auto",
-        choices=("auto", "cpu", "cuda"),
+        choices=("auto", "cpu", "cuda"),  # biounet.precision.DEVICES, without importing torch
         help="auto (default): the GPU where torch sees one, else the CPU",
     )
-    q.set_defaults(func=cmd_predict)
-    return p
 
 
 def _arch_flags(q: argparse.ArgumentParser) -> None:

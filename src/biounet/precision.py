@@ -70,5 +70,8 @@ def parse_device(name: str) -> torch.device:
     if name == "auto":
         return default_device()
     if name == "cuda" and not torch.cuda.is_available():
-        raise BiounetError("--device cuda: torch sees no CUDA device (CPU-only build or no GPU)")
+        raise BiounetError(
+            "--device cuda: torch sees no CUDA device (CPU-only build or no GPU); "
+            "use --device auto or cpu"
+        )
     return torch.device(name)
