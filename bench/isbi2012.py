@@ -294,6 +294,12 @@ def main() -> None:
         help="row (a): border term only, no class-frequency balance w_c",
     )
     p.add_argument(
+        "--dice",
+        type=float,
+        default=0.0,
+        help="row (a): weight of a soft Dice term added to the weighted cross-entropy",
+    )
+    p.add_argument(
         "--skip-train",
         action="store_true",
         help="rows a, b: score the models already trained in --ship and --out",
@@ -329,6 +335,7 @@ def main() -> None:
                     args.lr_schedule,
                     *(["--batch-norm"] if args.batch_norm else []),
                     *(["--no-class-balance"] if args.no_class_balance else []),
+                    *(["--dice", f"{args.dice:g}"] if args.dice else []),
                     "--seed",
                     str(args.seed),
                     "--tile",
@@ -349,6 +356,7 @@ def main() -> None:
                 f"lr {args.lr_schedule}"
                 + (", batch norm" if args.batch_norm else "")
                 + (", no class balance" if args.no_class_balance else "")
+                + (f", + {args.dice:g} x Dice" if args.dice else "")
                 + (f", seed {args.seed}" if args.seed else "")
                 + (
                     f", {args.batch_size} x {args.tile}² tiles"

@@ -41,13 +41,18 @@ A = [
     "--base-channels", "32", "--optimizer", "adam", "--lr", "0.001", "--save-dtype", "float16",
     "--w0", "3", "--lr-schedule", "cosine", "--val-every", "200", "--checkpoint-every", "200",
 ]  # fmt: skip
+R = [*A, "--no-class-balance", "--batch-size", "4", "--tile", "196"]
 RECIPES = {
     "a": A,
     "a_b2": [*A, "--batch-size", "2"],
     "a_b4_t196": [*A, "--batch-size", "4", "--tile", "196"],
     "a_nocb": [*A, "--no-class-balance"],
     # models/isbi2012's recipe (~1880 steps in the CPU budget)
-    "a_nocb_b4_t196": [*A, "--no-class-balance", "--batch-size", "4", "--tile", "196"],
+    "a_nocb_b4_t196": R,
+    # 2 x 2 on the shipped recipe: the paper's w0 10, and a soft Dice term (MONAI's loss has one)
+    "r_w0_10": [*R, "--w0", "10"],
+    "r_dice": [*R, "--dice", "1"],
+    "r_w0_10_dice": [*R, "--w0", "10", "--dice", "1"],
     "a_w0_10": [*A, "--w0", "10"],
     "a_bn": [*A, "--batch-norm"],
     "a_lr5e-4": [*A, "--lr", "0.0005"],

@@ -388,6 +388,13 @@ def test_bad_device_cuda_without_a_gpu(train_args, model_dir, tmp_path, capsys, 
     _bad(capsys, tmp_path, predict, ["--device cuda"], tmp_path / "o")
 
 
+def test_dice_flag_reaches_the_training_config(train_args, tmp_path, capsys):
+    code, _, err = run(capsys, *train_args, "--dice", "0.5", "--precision", "fp32")
+    assert code == 0, err
+    training = json.loads((tmp_path / "new" / "config.json").read_text())["training"]
+    assert training["train_config"]["dice"] == 0.5
+
+
 def test_device_flag_reaches_training_and_prediction(train_args, tmp_path, capsys, monkeypatch):
     code, _, err = run(capsys, *train_args, "--device", "cpu", "--precision", "fp32")
     assert code == 0, err

@@ -140,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="cosine: decay the learning rate to 0 over --steps or --max-minutes, "
         "whichever ends first (default constant)",
     )
+    q.add_argument(
+        "--dice",
+        type=float,
+        default=0.0,
+        metavar="WEIGHT",
+        help="add WEIGHT x soft Dice loss (1 - mean Dice over classes) to the weighted "
+        "cross-entropy (default 0, the paper's loss)",
+    )
     q.add_argument("--momentum", type=float, default=0.99)
     q.add_argument("--weight-decay", type=float, default=0.0)
     q.add_argument("--seed", type=int, default=0)
@@ -437,6 +445,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         optimizer=args.optimizer,
         lr=lr,
         lr_schedule=args.lr_schedule,
+        dice=args.dice,
         momentum=args.momentum,
         weight_decay=args.weight_decay,
         seed=args.seed,

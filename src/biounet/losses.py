@@ -1,4 +1,7 @@
-"""The paper's energy: pixel-wise softmax cross-entropy weighted by a per-pixel map (eq. 1)."""
+"""The paper's energy: pixel-wise softmax cross-entropy weighted by a per-pixel map (eq. 1).
+
+Optionally plus a soft Dice term (not in the paper; MONAI's DiceCELoss adds one).
+"""
 
 from __future__ import annotations
 
@@ -26,3 +29,41 @@ def weighted_cross_entropy(
     """
     ce = F.cross_entropy(logits.float(), target, reduction="none")
     return (ce * weight).sum() / target.numel()
+
+
+def soft_dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5
+) -> torch.Tensor:
+    """``1 - mean over classes of 2 |P ∩ T| / (|P| + |T|)``, with softmax probabilities as P.
+
+    Pooled over the batch, so a tile without some class does not score that class 0 or 1 by
+    itself. Pixels of weight 0 are left out; otherwise the weight map plays no part.
+
+    Parameters
+    ----------
+    logits : Tensor, shape (B, K, h, w), float
+    target : Tensor, shape (B, h, w), int64 class indices in [0, K)
+    weight : Tensor, shape (B, h, w), float
+
+    Returns
+    -------
+    Tensor, scalar float32 in [0, 1]
+    """
+    num_classes = logits.shape[1]
+    inside = (weight > 0).unsqueeze(1).float()
+    prob = torch.softmax(logits.float(), 1) * inside
+    onehot = F.one_hot(target, num_classes).permute(0, 3, 1, 2).float() * inside
+    dims = (0, 2, 3)
+    inter = (prob * onehot).sum(dims)
+    sizes = prob.sum(dims) + onehot.sum(dims)
+    return 1.0 - ((2 * inter + eps) / (sizes + eps)).mean()
+
+
+def segmentation_loss(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, dice: float = 0.0
+) -> torch.Tensor:
+    """`weighted_cross_entropy`, plus ``dice`` times `soft_dice_loss` where ``dice > 0``."""
+    loss = weighted_cross_entropy(logits, target, weight)
+    if dice > 0:
+        loss = loss + dice * soft_dice_loss(logits, target, weight)
+    return loss

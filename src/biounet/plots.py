@@ -23,7 +23,7 @@ def training_curves(history: list[dict]) -> Figure:
     val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
     if val:
         ax_loss.plot(*zip(*val, strict=True), "o-", label="validation")
-    ax_loss.set(xlabel="step", ylabel="weighted cross-entropy", yscale="log")
+    ax_loss.set(xlabel="step", ylabel="loss (weighted cross-entropy [+ Dice])", yscale="log")
     ax_loss.legend()
     dice = [(r["step"], r["val_dice"]) for r in history if "val_dice" in r]
     if dice:

@@ -52,7 +52,7 @@ from biounet.io import (
     tensor_metadata,
     write_json,
 )
-from biounet.losses import weighted_cross_entropy
+from biounet.losses import segmentation_loss
 from biounet.metrics import instance_scores, pool_instance_scores
 from biounet.model import UNet
 from biounet.plots import training_curves
@@ -103,6 +103,8 @@ class TrainConfig:
     # steps and of the time budget spent, so a wall-clock run also ends at a small lr and its
     # last weights are not a random point of a noisy batch-1 trajectory.
     lr_schedule: str = "constant"
+    # Weight of a soft Dice term added to the weighted cross-entropy (0: the paper's loss).
+    dice: float = 0.0
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adam"):
@@ -116,6 +118,8 @@ class TrainConfig:
                 raise BiounetError(f"{name} must be >= 1")
         if not self.lr > 0:
             raise BiounetError("learning rate must be > 0")
+        if not self.dice >= 0:
+            raise BiounetError(f"dice weight must be >= 0, not {self.dice}")
 
 
 def lr_factor(config: TrainConfig, step: int, elapsed_s: float) -> float:
@@ -255,7 +259,7 @@ def fit(
             target, weight = target.to(device), weight.to(device)
             with autocast(precision, device):
                 logits = model(image)
-            loss = weighted_cross_entropy(logits, target, weight)
+            loss = segmentation_loss(logits, target, weight, config.dice)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -271,7 +275,7 @@ def fit(
             last = step == config.steps or budget_spent
             val = None
             if val_samples and (step % config.val_every == 0 or last):
-                val = validate(model, val_samples, info, precision, device)
+                val = validate(model, val_samples, info, precision, device, config.dice)
                 model.train()
             if is_main and (step % config.log_every == 0 or val is not None or last):
                 now = time.perf_counter()
@@ -337,9 +341,15 @@ def _save_all(
 
 @torch.no_grad()
 def validate(
-    model: UNet, samples: list[Sample], info: ModelInfo, precision: str, device: torch.device
+    model: UNet,
+    samples: list[Sample],
+    info: ModelInfo,
+    precision: str,
+    device: torch.device,
+    dice_weight: float = 0.0,
 ) -> dict:
-    """Whole-image validation with overlap-tile prediction: loss, pixel accuracy, mean Dice."""
+    """Whole-image validation with overlap-tile prediction: loss (the training loss), pixel
+    accuracy, mean Dice."""
     forward = model_forward(model, precision, device)
     losses, correct, total = [], 0, 0
     inter = np.zeros(info.net.num_classes)
@@ -350,8 +360,11 @@ def validate(
         t_logits = torch.from_numpy(logits)[None]
         losses.append(
             float(
-                weighted_cross_entropy(
-                    t_logits, torch.from_numpy(s.classes)[None], torch.from_numpy(s.weights)[None]
+                segmentation_loss(
+                    t_logits,
+                    torch.from_numpy(s.classes)[None],
+                    torch.from_numpy(s.weights)[None],
+                    dice_weight,
                 )
             )
         )
