@@ -47,7 +47,7 @@ RECIPES = {
     "a_b2": [*A, "--batch-size", "2"],
     "a_b4_t196": [*A, "--batch-size", "4", "--tile", "196"],
     "a_nocb": [*A, "--no-class-balance"],
-    # models/isbi2012's recipe until session 7 (~1880 steps in the CPU budget)
+    # models/isbi2012's recipe before the Dice term (~1880 steps in the CPU budget)
     "a_nocb_b4_t196": R,
     # 2 x 2 on it: the paper's w0 10, and a soft Dice term; r_dice is models/isbi2012's recipe
     "r_w0_10": [*R, "--w0", "10"],
