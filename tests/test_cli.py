@@ -388,6 +388,10 @@ def test_bad_device_cuda_without_a_gpu(train_args, model_dir, tmp_path, capsys, 
     _bad(capsys, tmp_path, predict, ["--device cuda"], tmp_path / "o")
 
 
+def test_bad_negative_dice_is_a_clean_error(train_args, tmp_path, capsys):
+    _bad(capsys, tmp_path, [*train_args, "--dice", "-1"], ["--dice", "-1"], tmp_path / "new")
+
+
 def test_dice_flag_reaches_the_training_config(train_args, tmp_path, capsys):
     code, _, err = run(capsys, *train_args, "--dice", "0.5", "--precision", "fp32")
     assert code == 0, err

@@ -119,7 +119,9 @@ class TrainConfig:
         if not self.lr > 0:
             raise BiounetError("learning rate must be > 0")
         if not self.dice >= 0:
-            raise BiounetError(f"dice weight must be >= 0, not {self.dice}")
+            raise BiounetError(
+                f"dice weight must be >= 0 (--dice; 0 = the paper's loss alone), not {self.dice}"
+            )
 
 
 def lr_factor(config: TrainConfig, step: int, elapsed_s: float) -> float:
