@@ -104,6 +104,13 @@ def save_model(folder: Path, model: UNet, info: ModelInfo) -> None:
     dtype = WEIGHT_DTYPES[info.weights_dtype]
     # Half-precision storage halves a shipped model; the network still computes in fp32.
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        # A model that computes NaN would give all-background masks without a word.
+        raise BiounetError(
+            f"{folder}: not saved, {len(bad)} weight tensor(s) hold NaN or infinite values "
+            f"({bad[0]}, ...)"
+        )
     save_tensors(folder / WEIGHTS_NAME, state, metadata={"format": "biounet"})
     write_json(folder / CONFIG_NAME, info.to_dict())
 
@@ -129,5 +136,19 @@ def load_weights(model: UNet, path: Path) -> None:
         raise BiounetError(
             f"{path}: weights do not match the architecture in {CONFIG_NAME} "
             "(different depth, width or classes); the model directory is inconsistent"
+        )
+    # Batch norm's step counter is the one integer tensor the project writes.
+    allowed = (*WEIGHT_DTYPES.values(), torch.int64)
+    wrong = [k for k, v in state.items() if v.dtype not in allowed]
+    if wrong:
+        raise BiounetError(
+            f"{path}: tensor {wrong[0]} has dtype {state[wrong[0]].dtype}; biounet writes "
+            "float32, float16 or bfloat16 weights: re-save the model"
+        )
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise BiounetError(
+            f"{path}: {len(bad)} weight tensor(s) hold NaN or infinite values ({bad[0]}, ...); "
+            "the model would predict nothing: retrain it or use another"
         )
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})

@@ -439,7 +439,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if workers < 0:
         raise BiounetError("--workers must be >= 0")
     config = TrainConfig(
-        steps=args.steps or 2000,
+        steps=args.steps if args.steps is not None else 2000,
         batch_size=args.batch_size,
         tile=args.tile,
         optimizer=args.optimizer,
@@ -482,7 +482,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             init=args.init,
             resume=args.resume,
             resume_overrides={
-                k: v for k, v in (("steps", args.steps), ("max_minutes", args.max_minutes)) if v
+                k: v
+                for k, v in (("steps", args.steps), ("max_minutes", args.max_minutes))
+                if v is not None
             },
             callback=on_step,
             command=_command_line(args),
@@ -490,7 +492,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     finally:
         bar.close()
-    print(f"trained {state.step} steps; model in {args.out}")
+    skipped = f" ({state.skipped} updates skipped: non-finite loss)" if state.skipped else ""
+    print(f"trained {state.step} steps{skipped}; model in {args.out}")
     return 0
 
 

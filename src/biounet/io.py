@@ -363,8 +363,20 @@ def write_png(path: Path, data: np.ndarray) -> None:
 
 
 def write_json(path: Path, obj: dict) -> None:
+    """Write `obj` as JSON, atomically; NaN and infinities become null (JSON has neither)."""
+    text = json.dumps(_json_safe(obj), indent=2, sort_keys=False, allow_nan=False)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text + "\n")
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 def read_json(path: Path) -> dict:

@@ -69,7 +69,18 @@ CSV_FIELDS = (
     "val_loss",
     "val_accuracy",
     "val_dice",
+    "skipped",
 )
+
+# A non-finite loss or gradient is recomputed this many times before the update is skipped
+# (a transient non-finite value from a kernel then leaves the trajectory unchanged), and this
+# many skipped updates in a row stop training: the model has diverged.
+STEP_RETRIES = 2
+MAX_SKIPS_IN_A_ROW = 10
+
+
+class TrainingDiverged(BiounetError):
+    """Training produced non-finite losses or gradients at too many steps in a row."""
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -158,6 +169,8 @@ class TrainState:
     best_val_dice: float = -math.inf
     elapsed_s: float = 0.0
     history: list[dict] = field(default_factory=list)
+    skipped: int = 0  # updates skipped for a non-finite loss or gradient, all steps so far
+    skipped_in_a_row: int = 0
 
 
 Callback = Callable[[StepInfo], bool | None]
@@ -256,18 +269,26 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * lr_factor(config, step, t_step - t_start)
             step += 1
-            torch.manual_seed(config.seed * 1_000_003 + step)  # dropout draws, reproducible
             image = image.to(device).to(memory_format=fmt)
             target, weight = target.to(device), weight.to(device)
-            with autocast(precision, device):
-                logits = model(image)
-            loss = segmentation_loss(logits, target, weight, config.dice)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss = _guarded_step(
+                model, optimizer, scaler, (image, target, weight), config, precision, device, step
+            )
             state.step = step  # weights and optimizer now belong to `step` (for Ctrl-C saves)
-            running.append(loss.item())
+            if loss is None:
+                state.skipped += 1
+                state.skipped_in_a_row += 1
+                log.warning("step %d: non-finite loss or gradient; update skipped", step)
+                if state.skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
+                    raise TrainingDiverged(
+                        f"training diverged: the loss or gradient was not finite at "
+                        f"{state.skipped_in_a_row} steps in a row (up to step {step}); lower "
+                        f"the learning rate (--lr, now {config.lr:g}) or the border weight "
+                        "(--w0), or add --batch-norm"
+                    )
+            else:
+                state.skipped_in_a_row = 0
+                running.append(loss)
             tiles_seen += image.shape[0]
 
             budget_spent = (
@@ -283,10 +304,11 @@ def fit(
                 now = time.perf_counter()
                 row = {
                     "step": step,
-                    "loss": float(np.mean(running)),
+                    "loss": float(np.mean(running)) if running else math.nan,
                     "lr": optimizer.param_groups[0]["lr"],
                     "tiles_per_s": tiles_seen / max(now - t_window, 1e-9),
                     "elapsed_s": now - t_start,
+                    "skipped": state.skipped,
                 }
                 row.update({f"val_{k}": v for k, v in (val or {}).items()})
                 _append_csv(out_dir / "training.csv", row)
@@ -296,7 +318,12 @@ def fit(
                 log.info("step %d loss %.4f", step, row["loss"])
             # Select on validation Dice, not loss: the weighted loss rises with the border
             # term's emphasis even while masks improve (seen on ISBI 2012).
-            if val is not None and val["dice"] > state.best_val_dice:
+            if (
+                val is not None
+                and val["dice"] > state.best_val_dice
+                and math.isfinite(val["loss"])  # weights that compute NaN score Dice 0 or more
+                and _finite_weights(model)
+            ):
                 state.best_val_dice = val["dice"]
                 if is_main:
                     save_model(out_dir, model, info)
@@ -310,9 +337,8 @@ def fit(
             keep_going = True
             if is_main and callback is not None:
                 speed = image.shape[0] / max(time.perf_counter() - t_step, 1e-9)
-                keep_going = (
-                    callback(StepInfo(step, config.steps, loss.item(), speed, val)) is not False
-                )
+                shown = math.nan if loss is None else loss
+                keep_going = callback(StepInfo(step, config.steps, shown, speed, val)) is not False
             if not keep_going:
                 _save_all(out_dir, model, optimizer, info, state, config, bool(val_samples))
                 break
@@ -320,7 +346,57 @@ def fit(
         if is_main and state.step > 0:
             _save_all(out_dir, model, optimizer, info, state, config, bool(val_samples))
         raise
+    if state.skipped:
+        log.warning(
+            "%d of %d updates skipped for a non-finite loss or gradient", state.skipped, step
+        )
     return state
+
+
+def _guarded_step(
+    model: UNet,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    config: TrainConfig,
+    precision: str,
+    device: torch.device,
+    step: int,
+) -> float | None:
+    """One update from `batch`; returns its loss, or None when the update was skipped.
+
+    A non-finite loss (or, without loss scaling, a non-finite gradient) is recomputed from the
+    same inputs and dropout draws up to `STEP_RETRIES` times: a value that was non-finite by
+    accident of a kernel is then replaced by the one an undisturbed run computes. If it stays
+    non-finite, the weights and the optimizer state are left as they were. (With fp16 loss
+    scaling, infinite gradients are the scaler's to handle: it skips and lowers the scale.)
+    """
+    image, target, weight = batch
+    for _ in range(1 + STEP_RETRIES):
+        torch.manual_seed(config.seed * 1_000_003 + step)  # dropout draws, reproducible
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(precision, device):
+            logits = model(image)
+        loss = segmentation_loss(logits, target, weight, config.dice)
+        if not torch.isfinite(loss):
+            continue
+        scaler.scale(loss).backward()
+        if scaler.is_enabled() or _finite_grads(model):
+            scaler.step(optimizer)
+            scaler.update()
+            return loss.item()
+    optimizer.zero_grad(set_to_none=True)
+    return None
+
+
+def _finite_grads(model: UNet) -> bool:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+
+
+def _finite_weights(model: UNet) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
+               if t.is_floating_point())  # fmt: skip
 
 
 def _save_all(
@@ -351,7 +427,8 @@ def validate(
     dice_weight: float = 0.0,
 ) -> dict:
     """Whole-image validation with overlap-tile prediction: loss (the training loss), pixel
-    accuracy, mean Dice."""
+    accuracy, and the mean Dice of the foreground classes (all but class 0), pooled over the
+    images."""
     forward = model_forward(model, precision, device)
     losses, correct, total = [], 0, 0
     inter = np.zeros(info.net.num_classes)
@@ -376,8 +453,10 @@ def validate(
         for k in range(info.net.num_classes):
             inter[k] += np.sum((pred == k) & (s.classes == k))
             sums[k] += np.sum(pred == k) + np.sum(s.classes == k)
-    present = sums > 0
-    dice = float(np.mean(2 * inter[present] / sums[present]))
+    # The foreground classes only: class 0 (background, or ISBI's cell interior) is most of
+    # every image, so its Dice is high even for an empty prediction and would let one win.
+    present = sums[1:] > 0
+    dice = float(np.mean(2 * inter[1:][present] / sums[1:][present])) if present.any() else 0.0
     return {"loss": float(np.mean(losses)), "accuracy": correct / total, "dice": dice}
 
 
@@ -392,6 +471,8 @@ def save_checkpoint(
     config: TrainConfig,
 ) -> None:
     """Weights and optimizer state as safetensors, the rest as JSON; state.json written last."""
+    if not _finite_weights(model):
+        raise BiounetError(f"{out_dir}: the weights are not finite; no checkpoint written")
     folder = ensure_dir(out_dir / "checkpoints" / "last")
     # Each file is atomic, the set is not: every file carries its step, checked on resume.
     stamp = {"step": str(state.step)}
@@ -411,6 +492,8 @@ def save_checkpoint(
             "step": state.step,
             "best_val_dice": _finite_or_none(state.best_val_dice),
             "elapsed_s": state.elapsed_s,
+            "skipped": state.skipped,
+            "skipped_in_a_row": state.skipped_in_a_row,
             "train_config": asdict(config),
             "optimizer": {"param_groups": opt_state["param_groups"], "scalars": scalars},
         },
@@ -450,6 +533,8 @@ def load_checkpoint(out_dir: Path, model: UNet, optimizer: torch.optim.Optimizer
         step=step,
         best_val_dice=-math.inf if best is None else best,
         elapsed_s=float(meta.get("elapsed_s", 0.0)),
+        skipped=int(meta.get("skipped", 0)),
+        skipped_in_a_row=int(meta.get("skipped_in_a_row", 0)),
     )
 
 
@@ -580,6 +665,7 @@ def train_from_folders(
         "precision": resolve_precision(config.precision, device),
         "steps_done": state.step,
         "best_val_dice": _finite_or_none(state.best_val_dice),
+        "skipped_updates": state.skipped,
         "last": state.history[-1] if state.history else None,
     }
     info = info.replace(training=final)
