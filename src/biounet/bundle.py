@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,3 +153,52 @@ def load_weights(model: UNet, path: Path) -> None:
             "the model would predict nothing: retrain it or use another"
         )
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+
+
+# -- shipped models ---------------------------------------------------------------------------
+
+
+def shipped_model_dirs() -> dict[str, Path]:
+    """The model directories that come with biounet, by name.
+
+    Found in the checkout's ``models/`` folder, or, in an installed wheel, where its data
+    files go (``<prefix>/share/biounet/models``).
+    """
+    roots = (
+        Path(__file__).resolve().parents[2] / "models",  # src/biounet/ -> the checkout
+        Path(sys.prefix) / "share" / "biounet" / "models",
+    )
+    found: dict[str, Path] = {}
+    for root in roots:
+        if root.is_dir():
+            for folder in sorted(root.iterdir()):
+                if (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file():
+                    found.setdefault(folder.name, folder)
+    return found
+
+
+def describe(folder: Path) -> str:
+    """One line on a model directory: its README's title, else its classes."""
+    readme = Path(folder) / "README.md"
+    if readme.is_file():
+        title = readme.read_text().splitlines()[0].lstrip("# ").strip()
+        if title:
+            return title.split(" — ", 1)[-1]
+    return "classes " + ", ".join(load_info(folder).class_names)
+
+
+def resolve_model(source: str | Path) -> Path:
+    """A model directory from a path or the name of a shipped model.
+
+    An existing path wins over a name; an unknown name is refused listing the known ones.
+    """
+    path = Path(source)
+    if path.exists():
+        return path
+    shipped = shipped_model_dirs()
+    if str(source) in shipped:
+        return shipped[str(source)]
+    known = ", ".join(shipped) or "none found"
+    raise BiounetError(
+        f"{source}: no such model directory, nor the name of a shipped model (known: {known})"
+    )

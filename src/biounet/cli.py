@@ -48,14 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("init", help="create an untrained model directory")
-    q.add_argument("model_dir", type=Path)
+    q.add_argument("model_dir", type=Path, help="the model directory to create")
     _arch_flags(q)
     q.add_argument("--seed", type=int, default=0, help="seed of the He initialisation")
     q.add_argument("--force", action="store_true", help="overwrite an existing model")
     q.set_defaults(func=cmd_init)
 
     q = sub.add_parser("info", help="show a model's configuration, size and valid tiles")
-    q.add_argument("model_dir", type=Path)
+    q.add_argument("model_dir", type=Path, help="a model directory, or a shipped model's name")
     q.set_defaults(func=cmd_info)
 
     q = sub.add_parser("train", help="train on folders of images and masks")
@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.2,
         help="fraction of files held out (the last ones by name) (default 0.2)",
     )
-    q.add_argument("--init", type=Path, help="start from this model directory's weights")
+    q.add_argument(
+        "--init", type=Path, help="start from this model's weights (a directory or a name)"
+    )
     q.add_argument(
         "--resume",
         action="store_true",
@@ -203,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_augment)
 
     q = sub.add_parser("predict", help="segment images with a model")
-    q.add_argument("model_dir", type=Path)
+    q.add_argument("model_dir", type=Path, help="a model directory, or a shipped model's name")
     q.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     q.add_argument("--out", type=Path, required=True, help="output folder")
     q.add_argument(
@@ -383,6 +385,18 @@ def _data_path(path: Path | None) -> Path | None:
     return path
 
 
+def _model_path(source: Path) -> Path:
+    """A model directory: a path that exists, else a shipped model's name, else a model
+    directory under $BIOUNET_DATA (where a data folder may carry a shipped model's name)."""
+    from biounet.bundle import resolve_model, shipped_model_dirs
+    from biounet.io import is_model_dir
+
+    found = _data_path(source)
+    if not source.exists() and str(source) not in shipped_model_dirs() and is_model_dir(found):
+        return found
+    return resolve_model(source)
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     import torch
 
@@ -409,7 +423,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from biounet.bundle import load_model
     from biounet.tiling import valid_tiles
 
-    model, info = load_model(args.model_dir)
+    model, info = load_model(_model_path(args.model_dir))
     net = info.net
     print(json.dumps(info.to_dict(), indent=2))
     print(f"parameters: {model.num_parameters():,}")
@@ -479,7 +493,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             val_images=_data_path(args.val_images),
             val_masks=_data_path(args.val_masks),
             val_fraction=args.val_fraction,
-            init=args.init,
+            init=_model_path(args.init) if args.init is not None else None,
             resume=args.resume,
             resume_overrides={
                 k: v
@@ -595,7 +609,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     ]
     try:
         written = predict_files(
-            args.model_dir,
+            _model_path(args.model_dir),
             inputs,
             args.out,
             config,

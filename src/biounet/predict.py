@@ -15,6 +15,7 @@ import torch
 
 from biounet.bundle import ModelInfo, load_model
 from biounet.errors import BiounetError
+from biounet.inference import Engine, Tiling, softmax
 from biounet.instances import (
     InstanceConfig,
     edge_band,
@@ -22,18 +23,11 @@ from biounet.instances import (
     instances_in_chunks,
 )
 from biounet.io import ensure_dir, is_image_file, list_images, read_image, write_png, write_tiff
-from biounet.mirror import mirror_crop
 from biounet.model import UNet
 from biounet.normalize import normalize
 from biounet.plots import instance_overlay, overlay, to_uint8
-from biounet.precision import bytes_per_value, default_device, resolve_precision
-from biounet.tiling import (
-    DEFAULT_MEMORY_MB,
-    TilePlan,
-    model_forward,
-    plan_tiles,
-    predict_tiled,
-)
+from biounet.precision import default_device, resolve_precision
+from biounet.tiling import DEFAULT_MEMORY_MB, TilePlan, plan_tiles
 
 log = logging.getLogger(__name__)
 OUTPUTS = ("mask", "prob", "instances")
@@ -45,11 +39,8 @@ class PredictConfig:
 
     Parameters
     ----------
-    tile : int, optional
-        Output tile side, snapped down to a valid size. Default: the tile that computes the
-        fewest pixels for each image within `memory_mb` (`biounet.tiling.auto_tile`).
-    batch_size : int
-        Tiles per forward pass.
+    tile, batch_size, halo, memory_mb
+        The tiling (`biounet.inference.Tiling`, which `tiling` returns).
     precision : {"auto", "fp32", "bf16", "fp16"}
     output : {"mask", "prob", "instances"}
         "mask": uint8 class indices; "prob": float32 softmax, one plane per class;
@@ -58,9 +49,6 @@ class PredictConfig:
     overlay : bool
         Also write ``STEM_overlay.png``: the mask in colour (instances: their contours in
         random colours) over the image.
-    halo : int, optional
-        Discarded tile border for the padded ("same") variant (default: receptive radius
-        + 2 px, which makes tiling exact).
     tta : bool
         Test-time augmentation: average the probabilities over the 8 rotations/flips of the
         image (the paper averaged over rotated versions of the input). 8x the compute.
@@ -68,8 +56,6 @@ class PredictConfig:
         TIFF inputs with more pixels than this, predicted as masks or instances (without
         overlay or TTA), are read and written tile by tile (`predict_large`), so memory does
         not grow with the image.
-    memory_mb : float
-        Budget for the feature maps of one batch of tiles when the tile size is automatic.
     instance_margin : int
         Context (px) read around each block when streamed instances are labelled block by
         block: the widest clump of touching cells must fit in it (wider ones are logged).
@@ -94,20 +80,16 @@ class PredictConfig:
         if not self.memory_mb > 0:
             raise BiounetError(f"memory budget must be > 0 MiB, not {self.memory_mb}")
 
+    @property
+    def tiling(self) -> Tiling:
+        return Tiling(self.tile, self.halo, self.batch_size, self.memory_mb)
+
 
 def tile_plan(
     info: ModelInfo, shape: tuple[int, int], config: PredictConfig, precision: str
 ) -> TilePlan:
     """The tiling of an image of `shape` for this model and configuration."""
-    return plan_tiles(
-        info.net,
-        shape,
-        config.tile,
-        config.halo,
-        memory_mb=config.memory_mb,
-        batch_size=config.batch_size,
-        bytes_per_value=bytes_per_value(precision),
-    )
+    return config.tiling.plan(info.net, shape, precision)
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[Path]:
@@ -145,7 +127,7 @@ def predict_array(
     device: torch.device | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
-    """Class probabilities for one raw image.
+    """Class probabilities for one raw image (sets up an `Engine` for this one call).
 
     Parameters
     ----------
@@ -156,28 +138,40 @@ def predict_array(
     -------
     ndarray of float32, shape (K, H, W), softmax probabilities
     """
-    device = device or default_device()
-    precision = resolve_precision(config.precision, device)
-    forward = model_forward(model.to(device), precision, device)
-    x = normalize(image, info.normalization)
-    views = dihedral_views() if config.tta else [(0, False)]
-    total = None
-    for k, flip in views:
-        view = np.rot90(x, k, axes=(1, 2))
-        view = np.ascontiguousarray(view[:, :, ::-1] if flip else view)
-        plan = tile_plan(info, view.shape[1:], config, precision)
-        probs = softmax(
-            predict_tiled(
-                forward, view, plan, info.net.num_classes, config.batch_size, progress=progress
-            )
-        )
-        probs = np.rot90(probs[:, :, ::-1] if flip else probs, -k, axes=(1, 2))
-        total = probs if total is None else total + probs
-    return np.ascontiguousarray(total / len(views), dtype=np.float32)
+    engine = Engine(model, device, config.precision)
+    return engine.probabilities(image, info.normalization, config.tiling, config.tta, progress)
+
+
+def output_array(probs: np.ndarray, info: ModelInfo, output: str) -> np.ndarray:
+    """What ``output`` asks for, from probabilities (K, H, W).
+
+    Returns
+    -------
+    ndarray
+        "prob": the float32 probabilities; "mask": uint8 class indices (H, W); "instances":
+        labels 1..N (H, W), uint16, or uint32 beyond 65535 objects.
+    """
+    if output == "prob":
+        return probs
+    if output == "mask":
+        return probs.argmax(0).astype(np.uint8)
+    labels = instances_from_probabilities(probs, instance_config(info))
+    return labels.astype(np.uint16 if labels.max() < 2**16 else np.uint32)
+
+
+def overlay_picture(
+    info: ModelInfo, normalized: np.ndarray, probs: np.ndarray, result: np.ndarray, output: str
+) -> np.ndarray:
+    """RGB picture of a prediction over its normalised image: classes in colour, or instance
+    contours."""
+    gray = to_uint8(normalized)
+    if output == "instances":
+        return instance_overlay(gray, result)
+    return overlay(gray, probs.argmax(0).astype(np.uint8))
 
 
 def predict_large(
-    model: UNet,
+    model: UNet | Engine,
     info: ModelInfo,
     path: Path,
     target: Path,
@@ -206,9 +200,7 @@ def predict_large(
                 f"{path}: instance margin {config.instance_margin} px must exceed {need} px for "
                 f"this model's post-processing; use --instance-margin {need + 1} or more"
             )
-    device = device or default_device()
-    precision = resolve_precision(config.precision, device)
-    forward = model_forward(model.to(device), precision, device)
+    engine = model if isinstance(model, Engine) else Engine(model, device, config.precision)
     with LazyImage(path) as src:
         if src.shape[0] != info.net.in_channels:
             raise BiounetError(
@@ -217,7 +209,7 @@ def predict_large(
             )
         offset, scale = normalization_params(src.sample(), info.normalization)
         _, height, width = src.shape
-        plan = tile_plan(info, (height, width), config, precision)
+        plan = engine.plan((height, width), config.tiling)
         # TIFF tiles must be multiples of 16 px; any multiple of 16 is on the pooling grid of a
         # depth <= 4 network, and deeper networks' strides are multiples of 16 already.
         ty, tx = plan.y.stride // 16 * 16, plan.x.stride // 16 * 16
@@ -228,25 +220,19 @@ def predict_large(
         rows, cols = range(0, height, ty), range(0, width, tx)
         total = len(rows) * len(cols)
 
-        def window(oy: int, ox: int) -> np.ndarray:
-            y0, x0 = oy - plan.y.context, ox - plan.x.context
-            crop = mirror_crop(src, y0, x0, plan.y.tile_in, plan.x.tile_in)
-            return apply_normalization(crop, offset, scale)
-
         def blocks():
             """Logits of the (ty, tx) output blocks in raster order (the last ones overhang)."""
-            done = 0
-            for oy in rows:
-                # Read only one batch of windows at a time: memory follows the batch.
-                for b in range(0, len(cols), config.batch_size):
-                    batch = [window(oy, ox) for ox in cols[b : b + config.batch_size]]
-                    logits = forward(np.stack(batch))
-                    for ox, tile in zip(cols[b : b + config.batch_size], logits, strict=True):
-                        crop_y, crop_x = plan.y.crop, plan.x.crop
-                        yield oy, ox, tile[:, crop_y : crop_y + ty, crop_x : crop_x + tx]
-                    done += len(logits)
-                    if progress is not None:
-                        progress(done, total)
+            origins = ((oy, ox) for oy in rows for ox in cols)
+            return engine.blocks(
+                src,
+                plan,
+                origins,
+                (ty, tx),
+                config.tiling,
+                prepare=lambda window: apply_normalization(window, offset, scale),
+                progress=progress,
+                total=total,
+            )
 
         def write(tmp: Path, tiles, dtype) -> None:
             tifffile.imwrite(
@@ -313,11 +299,6 @@ def _read_blocks(labels, block_shape: tuple[int, int], dtype):
             yield block
 
 
-def dihedral_views() -> list[tuple[int, bool]]:
-    """The 8 rotations by multiples of 90 degrees, each with and without a mirror flip."""
-    return [(k, flip) for k in range(4) for flip in (False, True)]
-
-
 def _streams(path: Path, config: PredictConfig) -> bool:
     """Large TIFF, masks or instances: read and write tile by tile."""
     from biounet.io import image_pixels
@@ -338,14 +319,6 @@ def instance_config(info: ModelInfo) -> InstanceConfig:
     if info.net.num_classes == 3:
         return InstanceConfig(border_class=2, expand=0)
     return InstanceConfig()
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax over axis 0, in place, float32."""
-    logits -= logits.max(axis=0, keepdims=True)
-    np.exp(logits, out=logits)
-    logits /= logits.sum(axis=0, keepdims=True)
-    return logits
 
 
 def predict_files(
@@ -377,30 +350,24 @@ def predict_files(
         if not _streams(f, config):
             read_image(f, info.net.in_channels)
     ensure_dir(Path(out_dir))
+    engine = Engine(model, device, config.precision)  # set up once for all files
     written = []
     for i, f in enumerate(files):
         if on_file is not None:
             on_file(f, i, len(files))
         target = Path(out_dir) / f"{f.stem}.tif"
         if _streams(f, config):
-            predict_large(model, info, f, target, config, device, progress)
+            predict_large(engine, info, f, target, config, progress=progress)
             written.append(target)
             continue
-        image = read_image(f, info.net.in_channels)
-        probs = predict_array(model, info, image, config, device, progress)
-        classes = probs.argmax(0).astype(np.uint8)
-        gray = to_uint8(normalize(image, info.normalization))
-        if config.output == "instances":
-            labels = instances_from_probabilities(probs, instance_config(info))
-            write_tiff(target, labels.astype(np.uint16 if labels.max() < 2**16 else np.uint32))
-            picture = instance_overlay(gray, labels)
-        else:
-            write_tiff(target, classes if config.output == "mask" else probs)
-            picture = overlay(gray, classes)
+        x = normalize(read_image(f, info.net.in_channels), info.normalization)
+        probs = engine.probabilities(x, None, config.tiling, config.tta, progress)
+        result = output_array(probs, info, config.output)
+        write_tiff(target, result)
         written.append(target)
         if config.overlay:
             png = Path(out_dir) / f"{f.stem}_overlay.png"
-            write_png(png, picture)
+            write_png(png, overlay_picture(info, x, probs, result, config.output))
             written.append(png)
         log.info("wrote %s", target)
     return written

@@ -25,7 +25,7 @@ tiles: max |softmax difference| 0.86 at halo 32, 0.19 at halo 64, 5e-6 at halo 9
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -245,13 +245,72 @@ def model_forward(
     return forward
 
 
+def tile_outputs(
+    forward: Forward,
+    image,
+    plan: TilePlan,
+    origins: Iterable[tuple[int, int]],
+    keep: tuple[int, int],
+    batch_size: int = 1,
+    prepare: Callable[[np.ndarray], np.ndarray] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    total: int | None = None,
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """The one tile loop: mirrored input windows, batched forward passes, kept output blocks.
+
+    Parameters
+    ----------
+    forward : callable
+        Batch function, e.g. from `model_forward`.
+    image : array-like, shape (C, H, W)
+        Anything `mirror_crop` reads (numpy array, memory map, `LazyImage`).
+    plan : TilePlan
+    origins : iterable of (oy, ox)
+        Output origins of the tiles, in the order the blocks are wanted.
+    keep : (h, w)
+        Output pixels kept per tile from its origin (at most the plan's ``tile_out``).
+    batch_size : int
+        Tiles per forward call; memory grows with it, not with the image.
+    prepare : callable, optional
+        Applied to each input window before the forward pass (e.g. normalisation of a file
+        read window by window).
+    progress : callable(done, total), optional
+    total : int, optional
+        Tile count reported to `progress` (default: the length of `origins`).
+
+    Yields
+    ------
+    (oy, ox, block)
+        ``block``: float32 (K, keep_h, keep_w) raw network outputs (logits) for the output
+        pixels ``[oy, oy + keep_h) x [ox, ox + keep_w)`` (past the image edge where a tile
+        overhangs it).
+    """
+    origins = list(origins)
+    total = len(origins) if total is None else total
+    (ch, cw), (kh, kw) = (plan.y.crop, plan.x.crop), keep
+    done = 0
+    for b in range(0, len(origins), batch_size):
+        # One batch of windows at a time: memory follows the batch, not the image.
+        where = origins[b : b + batch_size]
+        windows = []
+        for oy, ox in where:
+            y0, x0 = oy - plan.y.context, ox - plan.x.context
+            window = mirror_crop(image, y0, x0, plan.y.tile_in, plan.x.tile_in)
+            windows.append(window if prepare is None else prepare(window))
+        result = forward(np.stack(windows))
+        for (oy, ox), tile in zip(where, result, strict=True):
+            yield oy, ox, tile[:, ch : ch + kh, cw : cw + kw]
+        done += len(where)
+        if progress is not None:
+            progress(done, total)
+
+
 def predict_tiled(
     forward: Forward,
     image: np.ndarray,
     plan: TilePlan,
     num_classes: int,
     batch_size: int = 1,
-    out: np.ndarray | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Run `forward` over the tiles of `image` and stitch the outputs.
@@ -266,9 +325,7 @@ def predict_tiled(
     num_classes : int
         Output channels K of the network.
     batch_size : int
-        Tiles per forward call; memory grows with it, not with the image.
-    out : array-like, shape (K, H, W), optional
-        Where to write (e.g. a memory map); allocated as float32 if not given.
+        Tiles per forward call.
     progress : callable(done, total), optional
 
     Returns
@@ -277,35 +334,14 @@ def predict_tiled(
         Raw network outputs (logits), stitched.
     """
     height, width = image.shape[-2:]
-    if out is None:
-        out = np.empty((num_classes, height, width), np.float32)
-    total = plan.count((height, width))
-    batch: list[np.ndarray] = []
-    where: list[tuple[int, int]] = []
-    done = 0
-
-    def flush() -> None:
-        nonlocal done
-        result = forward(np.stack(batch))
-        ch, cw = plan.y.crop, plan.x.crop
-        for (oy, ox), tile in zip(where, result, strict=True):
-            h = min(plan.y.tile_out, height - oy)
-            w = min(plan.x.tile_out, width - ox)
-            out[:, oy : oy + h, ox : ox + w] = tile[:, ch : ch + h, cw : cw + w]
-        done += len(batch)
-        batch.clear()
-        where.clear()
-        if progress is not None:
-            progress(done, total)
-
-    for oy, ox in plan.tiles((height, width)):
-        y0, x0 = oy - plan.y.context, ox - plan.x.context
-        batch.append(mirror_crop(image, y0, x0, plan.y.tile_in, plan.x.tile_in))
-        where.append((oy, ox))
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
+    out = np.empty((num_classes, height, width), np.float32)
+    keep = (plan.y.tile_out, plan.x.tile_out)
+    tiles = tile_outputs(
+        forward, image, plan, plan.tiles((height, width)), keep, batch_size, progress=progress
+    )
+    for oy, ox, block in tiles:
+        h, w = min(keep[0], height - oy), min(keep[1], width - ox)
+        out[:, oy : oy + h, ox : ox + w] = block[:, :h, :w]
     return out
 
 

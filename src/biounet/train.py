@@ -10,7 +10,8 @@ Model directory layout written here::
 
 Resuming is exact on CPU because every random draw is a function of (seed, step): tiles come
 from `TileDataset` by index, and dropout's torch generator is re-seeded each step.
-Only rank 0 writes files or reports progress, so a torchrun/DDP launch can wrap `fit` as is.
+`fit` itself writes nothing: a `Recorder` keeps what it reports (`DirectoryRecorder`: the
+model directory above; the base class: the best weights, in memory).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import scipy.special
 import torch
 
 from biounet.augment import AugmentConfig
@@ -38,6 +38,7 @@ from biounet.data import (
     tile_geometry,
 )
 from biounet.errors import BiounetError
+from biounet.inference import Engine
 from biounet.instances import InstanceConfig, instances_from_probabilities
 from biounet.io import (
     atomic_path,
@@ -57,7 +58,6 @@ from biounet.metrics import instance_scores, pool_instance_scores
 from biounet.model import UNet
 from biounet.plots import training_curves
 from biounet.precision import autocast, memory_format, resolve_precision
-from biounet.tiling import model_forward, plan_tiles, predict_tiled
 
 log = logging.getLogger(__name__)
 CSV_FIELDS = (
@@ -188,47 +188,46 @@ def make_optimizer(model: UNet, config: TrainConfig) -> torch.optim.Optimizer:
 
 
 def fit(
-    out_dir: Path,
     model: UNet,
     info: ModelInfo,
     train_samples: list[Sample],
     val_samples: list[Sample],
     config: TrainConfig,
+    recorder: Recorder,
     *,
     resume: bool = False,
     augment: AugmentConfig | None = None,
     callback: Callback | None = None,
     device: torch.device | None = None,
-    rank: int = 0,
 ) -> TrainState:
-    """Train `model` in place and keep `out_dir` a usable model directory throughout.
+    """Train `model` in place: a loop over steps that writes nothing itself.
+
+    What is worth keeping (logged rows, better weights, checkpoints) goes to `recorder`:
+    a `Recorder` keeps the best weights in memory, a `DirectoryRecorder` writes a model
+    directory.
 
     Parameters
     ----------
-    out_dir : Path
-        Model directory to write (created if needed).
     model : UNet
         Initialised network (fresh, from a model directory, or to be overwritten by resume).
     info : ModelInfo
-        Written to ``config.json`` with the weights.
+        The model's description (architecture, classes, normalisation).
     train_samples, val_samples : list of Sample
     config : TrainConfig
+    recorder : Recorder
     resume : bool
-        Continue from ``out_dir/checkpoints/last`` (weights, optimizer, step).
+        Continue from the recorder's last checkpoint (weights, optimizer, step).
     augment : AugmentConfig, optional
         Augmentation of training tiles (None: plain crops).
     callback : callable(StepInfo) -> bool or None, optional
-        Called after each step; returning False stops after saving a checkpoint.
+        Called after each step; returning False stops after a checkpoint.
     device : torch.device, optional
-    rank : int
-        Process rank; only rank 0 writes files and calls `callback`.
 
     Returns
     -------
     TrainState
     """
     device = device or torch.device("cpu")
-    is_main = rank == 0
     precision = resolve_precision(config.precision, device)
     fmt = memory_format(precision)
     log.info("training on %s in %s", device, precision)
@@ -236,11 +235,14 @@ def fit(
     optimizer = make_optimizer(model, config)
     state = TrainState()
     if resume:
-        state = load_checkpoint(out_dir, model, optimizer)
+        state = recorder.restore(model, optimizer)
         log.info("resumed from step %d", state.step)
-    elif is_main:
-        ensure_dir(out_dir)
-        _truncate_csv(out_dir / "training.csv", 0)
+    else:
+        recorder.on_start()
+    has_val = bool(val_samples)
+
+    def checkpoint() -> None:
+        recorder.on_checkpoint(model, optimizer, state, config, has_val)
 
     geometry = tile_geometry(info.net, config.tile)
     dataset = TileDataset(
@@ -300,7 +302,7 @@ def fit(
             if val_samples and (step % config.val_every == 0 or last):
                 val = validate(model, val_samples, info, precision, device, config.dice)
                 model.train()
-            if is_main and (step % config.log_every == 0 or val is not None or last):
+            if step % config.log_every == 0 or val is not None or last:
                 now = time.perf_counter()
                 row = {
                     "step": step,
@@ -311,7 +313,7 @@ def fit(
                     "skipped": state.skipped,
                 }
                 row.update({f"val_{k}": v for k, v in (val or {}).items()})
-                _append_csv(out_dir / "training.csv", row)
+                recorder.on_row(row)
                 state.history.append(row)
                 running.clear()
                 tiles_seen, t_window = 0, now
@@ -325,26 +327,25 @@ def fit(
                 and _finite_weights(model)
             ):
                 state.best_val_dice = val["dice"]
-                if is_main:
-                    save_model(out_dir, model, info)
+                recorder.on_best(model)
             state.step = step
             state.elapsed_s = time.perf_counter() - t_start
-            if is_main and (step % config.checkpoint_every == 0 or last):
-                _save_all(out_dir, model, optimizer, info, state, config, bool(val_samples))
+            if step % config.checkpoint_every == 0 or last:
+                checkpoint()
             if budget_spent:
                 log.info("time budget of %s min spent at step %d", config.max_minutes, step)
                 break
             keep_going = True
-            if is_main and callback is not None:
+            if callback is not None:
                 speed = image.shape[0] / max(time.perf_counter() - t_step, 1e-9)
                 shown = math.nan if loss is None else loss
                 keep_going = callback(StepInfo(step, config.steps, shown, speed, val)) is not False
             if not keep_going:
-                _save_all(out_dir, model, optimizer, info, state, config, bool(val_samples))
+                checkpoint()
                 break
     except KeyboardInterrupt:
-        if is_main and state.step > 0:
-            _save_all(out_dir, model, optimizer, info, state, config, bool(val_samples))
+        if state.step > 0:
+            checkpoint()
         raise
     if state.skipped:
         log.warning(
@@ -399,22 +400,82 @@ def _finite_weights(model: UNet) -> bool:
                if t.is_floating_point())  # fmt: skip
 
 
-def _save_all(
-    out_dir: Path,
-    model: UNet,
-    optimizer: torch.optim.Optimizer,
-    info: ModelInfo,
-    state: TrainState,
-    config: TrainConfig,
-    has_val: bool,
-) -> None:
-    save_checkpoint(out_dir, model, optimizer, state, config)
-    if not has_val or not math.isfinite(state.best_val_dice):
-        save_model(out_dir, model, info)
-    history = _read_csv(out_dir / "training.csv")
-    if history:
-        with atomic_path(out_dir / "curves.png") as tmp:
-            training_curves(history).savefig(tmp, format="png", dpi=100)
+class Recorder:
+    """Keeps what training reports, in memory: logged rows and the best weights.
+
+    `fit` calls ``on_start`` (or ``restore`` when resuming), ``on_row`` for each logged row,
+    ``on_best`` when validation found better weights, and ``on_checkpoint`` at checkpoint
+    steps and at the end. Nothing is written anywhere; `DirectoryRecorder` writes a model
+    directory instead.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self.best: dict[str, torch.Tensor] | None = None  # best weights, else the last ones
+
+    def restore(self, model: UNet, optimizer: torch.optim.Optimizer) -> TrainState:
+        raise BiounetError("nothing to resume from: this training keeps no checkpoints")
+
+    def on_start(self) -> None:
+        self.rows.clear()
+
+    def on_row(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def on_best(self, model: UNet) -> None:
+        self.best = _copy_state(model)
+
+    def on_checkpoint(
+        self,
+        model: UNet,
+        optimizer: torch.optim.Optimizer,
+        state: TrainState,
+        config: TrainConfig,
+        has_val: bool,
+    ) -> None:
+        if not has_val or not math.isfinite(state.best_val_dice):
+            self.best = _copy_state(model)
+
+
+def _copy_state(model: UNet) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+class DirectoryRecorder(Recorder):
+    """Keeps a model directory usable throughout training (see the module docstring)."""
+
+    def __init__(self, out_dir: Path, info: ModelInfo) -> None:
+        super().__init__()
+        self.out_dir, self.info = Path(out_dir), info
+
+    def restore(self, model: UNet, optimizer: torch.optim.Optimizer) -> TrainState:
+        return load_checkpoint(self.out_dir, model, optimizer)
+
+    def on_start(self) -> None:
+        ensure_dir(self.out_dir)
+        _truncate_csv(self.out_dir / "training.csv", 0)
+
+    def on_row(self, row: dict) -> None:
+        _append_csv(self.out_dir / "training.csv", row)
+
+    def on_best(self, model: UNet) -> None:
+        save_model(self.out_dir, model, self.info)
+
+    def on_checkpoint(
+        self,
+        model: UNet,
+        optimizer: torch.optim.Optimizer,
+        state: TrainState,
+        config: TrainConfig,
+        has_val: bool,
+    ) -> None:
+        save_checkpoint(self.out_dir, model, optimizer, state, config)
+        if not has_val or not math.isfinite(state.best_val_dice):
+            save_model(self.out_dir, model, self.info)
+        history = _read_csv(self.out_dir / "training.csv")
+        if history:
+            with atomic_path(self.out_dir / "curves.png") as tmp:
+                training_curves(history).savefig(tmp, format="png", dpi=100)
 
 
 @torch.no_grad()
@@ -429,13 +490,12 @@ def validate(
     """Whole-image validation with overlap-tile prediction: loss (the training loss), pixel
     accuracy, and the mean Dice of the foreground classes (all but class 0), pooled over the
     images."""
-    forward = model_forward(model, precision, device)
+    engine = Engine(model, device, precision)
     losses, correct, total = [], 0, 0
     inter = np.zeros(info.net.num_classes)
     sums = np.zeros(info.net.num_classes)
     for s in samples:
-        plan = plan_tiles(info.net, s.classes.shape)
-        logits = predict_tiled(forward, s.image, plan, info.net.num_classes)
+        logits = engine.logits(s.image)
         t_logits = torch.from_numpy(logits)[None]
         losses.append(
             float(
@@ -647,12 +707,12 @@ def train_from_folders(
     )
     ensure_dir(out_dir)
     state = fit(
-        out_dir,
         model,
         info,
         load,
         val,
         config,
+        DirectoryRecorder(out_dir, info),
         resume=resume,
         augment=data.augment,
         callback=callback,
@@ -703,8 +763,7 @@ def fit_postprocess(
     and keeps the pair with the best pooled mean AP over IoU 0.5:0.95 on up to `max_images`
     evenly spaced pairs, scored against their uncarved instance masks.
     """
-    device = device or torch.device("cpu")
-    forward = model_forward(model.to(device), resolve_precision(precision, device), device)
+    engine = Engine(model, device or torch.device("cpu"), precision, info.net)
     pairs = pairs[:: -(-len(pairs) // max_images)]
     configs = [
         replace(_default_post(data), seed_threshold=seed, expand=expand)
@@ -714,10 +773,7 @@ def fit_postprocess(
     scores: list[list[dict]] = [[] for _ in configs]
     for image_path, mask_path in pairs:
         sample = load_sample(image_path, mask_path, info.net, info.normalization, data)
-        plan = plan_tiles(info.net, sample.classes.shape)
-        probs = scipy.special.softmax(
-            predict_tiled(forward, sample.image, plan, info.net.num_classes), axis=0
-        )
+        probs = engine.probabilities(sample.image, None)
         truth = read_mask(mask_path)
         for config, found in zip(configs, scores, strict=True):
             found.append(instance_scores(instances_from_probabilities(probs, config), truth))

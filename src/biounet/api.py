@@ -1,0 +1,275 @@
+"""The Python interface: `load` a model, `Model.predict` numpy arrays, list the shipped `models`.
+
+One object, one call, any array layout; numpy in, numpy out, with the same values and dtypes
+that ``biounet predict`` writes for the same image.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from biounet.bundle import (
+    ModelInfo,
+    describe,
+    load_model,
+    resolve_model,
+    save_model,
+    shipped_model_dirs,
+)
+from biounet.errors import BiounetError
+from biounet.inference import Engine, Tiling
+from biounet.model import UNet, UNetConfig
+from biounet.normalize import normalize
+from biounet.precision import parse_device
+from biounet.predict import OUTPUTS, output_array
+from biounet.tiling import DEFAULT_MEMORY_MB, valid_tiles
+
+
+def models() -> dict[str, str]:
+    """The models that come with biounet: ``{name: one-line description}``.
+
+    Examples
+    --------
+    >>> sorted(biounet.models())
+    ['bbbc039', 'isbi2012']
+    """
+    return {name: describe(folder) for name, folder in shipped_model_dirs().items()}
+
+
+def load(source: str | Path, device: str = "auto", precision: str = "auto") -> Model:
+    """Load a model directory, or a shipped model by name.
+
+    Parameters
+    ----------
+    source : str or Path
+        A model directory (``config.json`` + ``weights.safetensors``), or the name of a shipped
+        model (`models`); an existing path wins over a name.
+    device : {"auto", "cpu", "cuda"}
+        "auto": CUDA where torch sees a GPU, else the CPU.
+    precision : {"auto", "fp32", "bf16", "fp16"}
+        "auto": bf16 on CPUs with fast bf16 and on GPUs, fp32 elsewhere.
+
+    Returns
+    -------
+    Model
+
+    Examples
+    --------
+    >>> model = biounet.load("isbi2012")
+    >>> mask = model.predict(image)  # (H, W) uint8: 0 = cell interior, 1 = membrane
+    """
+    folder = resolve_model(source)
+    net, info = load_model(folder)
+    return Model(net, info, device=device, precision=precision, source=folder)
+
+
+class Model:
+    """A U-Net with everything prediction needs: architecture, weights, classes, normalisation.
+
+    Made by `load` (or `biounet.train`). The network is the model's own: nothing a caller
+    passes in is changed, and `predict` may be called from several threads at once.
+
+    Parameters
+    ----------
+    net : UNet
+        Taken over by the model (moved to `device`, set to inference).
+    info : ModelInfo
+    device, precision : str
+        As for `load`.
+    source : Path, optional
+        Where it was loaded from.
+    """
+
+    def __init__(
+        self,
+        net: UNet,
+        info: ModelInfo,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        source: Path | None = None,
+    ) -> None:
+        self._net, self._info, self.source = net, info, source
+        self._engine = Engine(net, parse_device(device), precision, info.net)
+
+    def __repr__(self) -> str:
+        net = self._info.net
+        return (
+            f"biounet.Model(depth={net.depth}, base_channels={net.base_channels}, "
+            f"classes={list(self.classes)}, device={self.device!r}, precision={self.precision!r})"
+        )
+
+    # -- what it is ------------------------------------------------------------------------
+
+    @property
+    def config(self) -> UNetConfig:
+        """The architecture (depth, width, channels, classes, padding, ...)."""
+        return self._info.net
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Class names; class ``k`` of a mask is ``classes[k]``."""
+        return self._info.class_names
+
+    @property
+    def in_channels(self) -> int:
+        return self._info.net.in_channels
+
+    @property
+    def margin(self) -> int:
+        """Pixels per side a valid network's output is smaller than its input (0 if padded)."""
+        return self._info.net.margin
+
+    @property
+    def training(self) -> dict | None:
+        """How it was trained (command, files, settings, validation scores); a copy."""
+        return copy.deepcopy(self._info.training)
+
+    @property
+    def device(self) -> str:
+        return str(self._engine.device)
+
+    @property
+    def precision(self) -> str:
+        """The resolved precision: "fp32", "bf16" or "fp16"."""
+        return self._engine.precision
+
+    def valid_tiles(self, up_to: int) -> list[tuple[int, int]]:
+        """Usable tile sizes as ``(input side, output side)`` pairs, outputs up to `up_to`.
+
+        Examples
+        --------
+        >>> biounet.load("isbi2012").valid_tiles(120)[:2]
+        [(204, 20), (220, 36)]
+        """
+        # Valid outputs lie at least one pooling period apart: this many cover `up_to`.
+        count = max(up_to, 0) // self.config.size_step + 1
+        return [t for t in valid_tiles(self.config, count) if t[1] <= up_to]
+
+    # -- what it does ----------------------------------------------------------------------
+
+    def predict(
+        self,
+        image,
+        output: str = "mask",
+        *,
+        tta: bool = False,
+        tile: int | None = None,
+        batch_size: int = 1,
+        memory_mb: float = DEFAULT_MEMORY_MB,
+        channel_axis: int | None = None,
+        progress: bool | Callable[[int, int], None] | None = None,
+    ) -> np.ndarray:
+        """Segment one 2-D image of any size (overlap-tile prediction, no seams).
+
+        Parameters
+        ----------
+        image : array-like of real numbers
+            (H, W) for a one-channel model; with C channels, (C, H, W) or (H, W, C), or any
+            axis given by `channel_axis`. Singleton axes are dropped. Raw intensities: the
+            model's own normalisation is applied.
+        output : {"mask", "prob", "instances"}
+        tta : bool
+            Average over the 8 rotations and flips (8x the compute).
+        tile : int, optional
+            Output tile side (default: the cheapest within `memory_mb`).
+        batch_size : int
+            Tiles per forward pass.
+        memory_mb : float
+            Feature-map budget per batch of tiles, for the automatic tile size.
+        channel_axis : int, optional
+            Default: a leading, else a trailing axis whose size is `in_channels`.
+        progress : bool or callable(done, total), optional
+            True: a tqdm bar on standard error; a callable gets tiles done and total.
+
+        Returns
+        -------
+        ndarray
+            "mask": (H, W) uint8 class indices; "prob": (K, H, W) float32 probabilities;
+            "instances": (H, W) labels 0 (background), 1..N, uint16 (uint32 beyond 65535).
+
+        Examples
+        --------
+        >>> labels = biounet.load("bbbc039").predict(nuclei, output="instances")
+        >>> int(labels.max())  # the number of nuclei found
+        """
+        if output not in OUTPUTS:
+            raise BiounetError(f"output must be one of {', '.join(OUTPUTS)}, not {output!r}")
+        tiling = Tiling(tile, None, batch_size, memory_mb)
+        raw = as_channels_first(image, self.in_channels, channel_axis)
+        x = normalize(raw, self._info.normalization)
+        bar, report = _progress(progress)
+        try:
+            probs = self._engine.probabilities(x, None, tiling, tta, report)
+        finally:
+            if bar is not None:
+                bar.close()
+        return output_array(probs, self._info, output)
+
+    def save(self, path: str | Path) -> None:
+        """Write a model directory (``config.json`` + ``weights.safetensors``) at `path`."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise BiounetError(f"{path}: is a file, not a folder; choose another path")
+        save_model(path, self._net, self._info)
+
+
+def as_channels_first(image, channels: int, channel_axis: int | None = None) -> np.ndarray:
+    """`image` as a (C, H, W) array of real numbers, without copying where it can.
+
+    Raises
+    ------
+    TypeError
+        Not an array of real numbers (complex, strings, objects).
+    BiounetError
+        A shape that is not one 2-D image with `channels` channels, or non-finite values.
+    """
+    arr = np.asarray(image)
+    if arr.dtype.kind == "b":
+        arr = arr.astype(np.uint8)
+    if arr.dtype.kind not in "uif":
+        raise TypeError(f"image must hold real numbers, not {arr.dtype}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise BiounetError("image holds NaN or infinite values; replace them before predicting")
+    if channel_axis is not None:
+        if not -arr.ndim <= channel_axis < arr.ndim:
+            raise BiounetError(f"channel_axis {channel_axis} is out of range for {arr.shape}")
+        arr = np.moveaxis(arr, channel_axis, 0)
+        arr = arr.reshape(arr.shape[0], *[s for s in arr.shape[1:] if s != 1])
+    else:
+        arr = arr.reshape([s for s in arr.shape if s != 1] or [1])
+        if arr.ndim == 2 and channels == 1:
+            arr = arr[None]
+        elif arr.ndim == 3 and arr.shape[0] != channels and arr.shape[-1] == channels:
+            arr = np.moveaxis(arr, -1, 0)
+    if arr.ndim != 3 or arr.shape[0] != channels or min(arr.shape[1:]) < 1:
+        want = "(H, W)" if channels == 1 else f"({channels}, H, W) or (H, W, {channels})"
+        raise BiounetError(
+            f"image has shape {np.shape(image)}; this model takes one 2-D image {want} "
+            "(give channel_axis= for another layout)"
+        )
+    return arr
+
+
+def _progress(progress):
+    """(tqdm bar or None, callable or None) for `Model.predict`'s `progress` argument."""
+    if progress is None or progress is False:
+        return None, None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(unit="tile", leave=False)
+
+        def report(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        return bar, report
+    if callable(progress):
+        return None, progress
+    raise TypeError("progress must be None, True or a callable(done, total)")

@@ -1,0 +1,197 @@
+"""The one inference engine: image -> normalised -> (TTA views) -> tiled forward -> softmax.
+
+Every prediction goes through `Engine`: `biounet.Model.predict`, `biounet predict` (whole
+images and files streamed tile by tile), validation during training and the fit of the
+instance post-processing. An engine sets a network up once (device, precision, memory format,
+inference mode); the tile loop itself is `biounet.tiling.tile_outputs`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from biounet.errors import BiounetError
+from biounet.model import UNet, UNetConfig
+from biounet.normalize import NormalizeConfig, normalize
+from biounet.precision import bytes_per_value, default_device, resolve_precision
+from biounet.tiling import (
+    DEFAULT_MEMORY_MB,
+    TilePlan,
+    model_forward,
+    plan_tiles,
+    predict_tiled,
+    tile_outputs,
+)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How an image is cut into tiles.
+
+    Parameters
+    ----------
+    tile : int, optional
+        Output tile side, snapped down to a valid size. Default: the tile that computes the
+        fewest pixels for each image within `memory_mb` (`biounet.tiling.auto_tile`).
+    halo : int, optional
+        Discarded tile border of the padded ("same") variant (default: exact tiling).
+    batch_size : int
+        Tiles per forward pass.
+    memory_mb : float
+        Budget for the feature maps of one batch of tiles when the tile size is automatic.
+    """
+
+    tile: int | None = None
+    halo: int | None = None
+    batch_size: int = 1
+    memory_mb: float = DEFAULT_MEMORY_MB
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or self.batch_size < 1:
+            raise BiounetError(f"batch size must be >= 1, not {self.batch_size}")
+        if not self.memory_mb > 0 or self.memory_mb == float("inf"):
+            raise BiounetError(
+                f"memory budget must be a finite number of MiB > 0, not {self.memory_mb}"
+            )
+
+    def plan(self, net: UNetConfig, shape: tuple[int, int], precision: str) -> TilePlan:
+        """The tiling of an image of `shape` (H, W) at a resolved `precision`."""
+        return plan_tiles(
+            net,
+            shape,
+            self.tile,
+            self.halo,
+            memory_mb=self.memory_mb,
+            batch_size=self.batch_size,
+            bytes_per_value=bytes_per_value(precision),
+        )
+
+
+def dihedral_views() -> list[tuple[int, bool]]:
+    """The 8 rotations by multiples of 90 degrees, each with and without a mirror flip."""
+    return [(k, flip) for k in range(4) for flip in (False, True)]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over axis 0, in place, float32."""
+    logits -= logits.max(axis=0, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=0, keepdims=True)
+    return logits
+
+
+class Engine:
+    """A network set up for inference on one device at one precision.
+
+    Parameters
+    ----------
+    model : UNet
+        Moved to `device`, put in eval mode and in the precision's memory format: give the
+        engine a network of its own (training hands its network back with ``model.train()``).
+    device : torch.device, optional
+        Default: CUDA where torch sees a GPU, else the CPU.
+    precision : {"auto", "fp32", "bf16", "fp16"}
+    net : UNetConfig, optional
+        The architecture, for the tile arithmetic (default: ``model.config``).
+    """
+
+    def __init__(
+        self,
+        model: UNet,
+        device: torch.device | None = None,
+        precision: str = "auto",
+        net: UNetConfig | None = None,
+    ) -> None:
+        self.device = device or default_device()
+        self.precision = resolve_precision(precision, self.device)
+        self.net: UNetConfig = net or model.config
+        self.forward = model_forward(model.to(self.device), self.precision, self.device)
+
+    def plan(self, shape: tuple[int, int], tiling: Tiling) -> TilePlan:
+        return tiling.plan(self.net, shape, self.precision)
+
+    def logits(
+        self, image: np.ndarray, tiling: Tiling = Tiling(), progress: Progress | None = None
+    ) -> np.ndarray:
+        """Stitched raw outputs of a normalised image.
+
+        Parameters
+        ----------
+        image : ndarray of float32, shape (C, H, W)
+            Already normalised.
+
+        Returns
+        -------
+        ndarray of float32, shape (K, H, W)
+        """
+        plan = self.plan(image.shape[1:], tiling)
+        return predict_tiled(
+            self.forward, image, plan, self.net.num_classes, tiling.batch_size, progress
+        )
+
+    def probabilities(
+        self,
+        image: np.ndarray,
+        normalization: NormalizeConfig | None,
+        tiling: Tiling = Tiling(),
+        tta: bool = False,
+        progress: Progress | None = None,
+    ) -> np.ndarray:
+        """Class probabilities of one image.
+
+        Parameters
+        ----------
+        image : ndarray, shape (C, H, W)
+            Raw intensities, normalised here with `normalization` (the model's stored one);
+            ``normalization=None``: already normalised, float32.
+        tta : bool
+            Average the probabilities over the 8 rotations and flips of the image.
+        progress : callable(done, total), optional
+            Tiles done of all tiles of all views.
+
+        Returns
+        -------
+        ndarray of float32, shape (K, H, W), softmax over K
+        """
+        x = image if normalization is None else normalize(image, normalization)
+        views = dihedral_views() if tta else [(0, False)]
+        shapes = [x.shape[1:] if k % 2 == 0 else x.shape[:0:-1] for k, _ in views]
+        counts = [self.plan(shape, tiling).count(shape) for shape in shapes]
+        total = None
+        for i, (k, flip) in enumerate(views):
+            view = np.rot90(x, k, axes=(1, 2))
+            view = np.ascontiguousarray(view[:, :, ::-1] if flip else view)
+            shown = None
+            if progress is not None:
+                shown = _offset(progress, sum(counts[:i]), sum(counts))
+            probs = softmax(self.logits(view, tiling, shown))
+            probs = np.rot90(probs[:, :, ::-1] if flip else probs, -k, axes=(1, 2))
+            total = probs if total is None else total + probs
+        return np.ascontiguousarray(total / len(views), dtype=np.float32)
+
+    def blocks(
+        self,
+        image,
+        plan: TilePlan,
+        origins: Iterable[tuple[int, int]],
+        keep: tuple[int, int],
+        tiling: Tiling,
+        prepare: Callable[[np.ndarray], np.ndarray] | None = None,
+        progress: Progress | None = None,
+        total: int | None = None,
+    ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Logit blocks of an image read window by window (`biounet.tiling.tile_outputs`)."""
+        return tile_outputs(
+            self.forward, image, plan, origins, keep, tiling.batch_size, prepare, progress, total
+        )
+
+
+def _offset(progress: Progress, start: int, total: int) -> Progress:
+    """`progress` for one pass among several: its tiles counted after `start` of `total`."""
+    return lambda done, _: progress(start + done, total)
