@@ -50,7 +50,7 @@ def use_final_weights(model_dir: Path) -> None:
         # `biounet train` does, on the training images.
         from biounet.data import DataConfig
         from biounet.io import list_images, pair_by_stem
-        from biounet.train import fit_postprocess
+        from biounet.trainer import fit_postprocess
 
         t = info.training
         pairs = [

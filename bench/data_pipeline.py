@@ -29,11 +29,11 @@ from biounet.augment import AugmentConfig
 from biounet.bundle import ModelInfo
 from biounet.data import DataConfig, TileDataset, load_sample, tile_geometry
 from biounet.io import list_images, pair_by_stem
+from biounet.loop import DirectoryRecorder, TrainConfig, fit
 from biounet.losses import weighted_cross_entropy
 from biounet.model import UNet, UNetConfig
 from biounet.normalize import NormalizeConfig
 from biounet.precision import autocast, memory_format, resolve_precision
-from biounet.train import TrainConfig, fit
 
 
 def main() -> None:
@@ -117,7 +117,7 @@ def main() -> None:
         m = UNet(net)
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
-            fit(Path(tmp), m, info, samples, [], cfg, augment=aug)
+            fit(m, info, samples, [], cfg, DirectoryRecorder(Path(tmp)), augment=aug)
             dt = time.perf_counter() - t
         label = "on " if aug else "off"
         print(

@@ -15,7 +15,7 @@ base 64) with one set of random He weights shared by every row:
       tiling overhead: `UNetConfig.forward_flops` per output pixel x pixels) divided by the
       matrix-product FLOP/s measured in this run (bf16 and fp32 4096^3 torch.mm).
 Then a tile sweep (bf16 forward time per output megapixel against tile size) and training:
-tiles/s of `biounet.train.fit` (elastic augmentation + weight maps on, base 64, 388 px
+tiles/s of `biounet.loop.fit` (elastic augmentation + weight maps on, base 64, 388 px
 tiles, the training precision) against the training limit, 3 x the forward FLOPs of a
 572 px tile at the bf16 matrix-product rate.
 
@@ -102,7 +102,7 @@ def training_rate(net: UNetConfig, steps: int) -> float:
 
     from biounet.augment import AugmentConfig
     from biounet.data import DataConfig, load_sample
-    from biounet.train import TrainConfig, fit
+    from biounet.loop import DirectoryRecorder, TrainConfig, fit
 
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
@@ -144,7 +144,8 @@ def training_rate(net: UNetConfig, steps: int) -> float:
             torch.manual_seed(0)
             with tempfile.TemporaryDirectory() as out:
                 t = time.perf_counter()
-                fit(Path(out), UNet(net), info, samples, [], cfg, augment=AugmentConfig())
+                recorder = DirectoryRecorder(Path(out))
+                fit(UNet(net), info, samples, [], cfg, recorder, augment=AugmentConfig())
                 times.append(time.perf_counter() - t)
     return steps / (times[1] - times[0])
 

@@ -135,3 +135,72 @@ def test_import_and_the_parser_do_not_import_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def _disk_arrays(count=4, shape=(72, 80)):
+    from .conftest import disk_image, disks
+
+    rng = np.random.default_rng(0)
+    labels = [disks(shape, rng, count=4, radius=(6, 12)) for _ in range(count)]
+    return [disk_image(lab, rng) for lab in labels], [(lab > 0).astype(np.uint8) for lab in labels]
+
+
+TINY_TRAINING = {"steps": 3, "depth": 2, "base_channels": 4, "tile": 28, "precision": "fp32"}
+
+
+def test_train_from_arrays_writes_nothing(tmp_path, monkeypatch):
+    import tempfile
+
+    images, masks = _disk_arrays()
+    monkeypatch.chdir(tmp_path)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    model = biounet.train(images, masks, **TINY_TRAINING)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]
+    assert [p for p in scratch.rglob("*") if p.is_file()] == []  # torch may make a cache dir
+    assert model.training["steps_done"] == 3
+    assert model.training["val_files"] == ["images[3]"]
+    mask = model.predict(images[0])
+    assert mask.shape == images[0].shape and mask.dtype == np.uint8
+    model.save(tmp_path / "saved")
+    again = biounet.load(tmp_path / "saved", precision=model.precision)
+    assert np.array_equal(again.predict(images[0]), mask)
+
+
+def test_train_with_out_writes_what_the_cli_writes(disk_folders, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    images, masks = disk_folders
+    model = biounet.train(images, masks, out=tmp_path / "api", **TINY_TRAINING)
+    argv = ["train", "--images", images, "--masks", masks, "--out", tmp_path / "cli"]
+    for key, value in TINY_TRAINING.items():
+        argv += ["--" + key.replace("_", "-"), value]
+    assert main([str(a) for a in argv]) == 0
+    capsys.readouterr()
+    names = {p.relative_to(tmp_path / "api") for p in (tmp_path / "api").rglob("*")}
+    assert names == {p.relative_to(tmp_path / "cli") for p in (tmp_path / "cli").rglob("*")}
+    api = load_file(str(tmp_path / "api" / "weights.safetensors"))
+    cli = load_file(str(tmp_path / "cli" / "weights.safetensors"))
+    assert all(np.array_equal(api[k].numpy(), cli[k].numpy()) for k in cli)
+    assert model.source == tmp_path / "api"
+    with pytest.raises(BiounetError, match="already holds a model"):
+        biounet.train(images, masks, out=tmp_path / "api", **TINY_TRAINING)
+
+
+def test_train_refuses_unknown_options_naming_the_nearest():
+    images, masks = _disk_arrays(2)
+    with pytest.raises(TypeError, match="unknown training option 'step'; did you mean 'steps'"):
+        biounet.train(images, masks, step=3)
+    with pytest.raises(BiounetError, match="2 images but 1 masks"):
+        biounet.train(images, masks[:1], steps=1)
+
+
+def test_train_starts_from_a_model(tmp_path):
+    images, masks = _disk_arrays(3)
+    first = biounet.train(images, masks, **TINY_TRAINING)
+    second = biounet.train(images, masks, init=first, steps=1, tile=28, precision="fp32")
+    assert second.config == first.config
+    assert not np.array_equal(
+        second.predict(images[0], output="prob"), first.predict(images[0], output="prob")
+    )

@@ -12,7 +12,7 @@ import torch
 from biounet.cli import main
 from biounet.model import UNetConfig
 from biounet.normalize import NormalizeConfig
-from biounet.train import SEED_THRESHOLDS
+from biounet.trainer import SEED_THRESHOLDS
 
 TINY = ["--depth", "2", "--base-channels", "4"]
 

@@ -9,12 +9,13 @@ import pytest
 import tifffile
 import torch
 
-import biounet.train as train_module
+import biounet.loop as train_module
 from biounet.bundle import ModelInfo, load_model, save_model
 from biounet.data import DataConfig
 from biounet.errors import BiounetError
+from biounet.loop import TrainConfig, TrainingDiverged, validate
 from biounet.model import UNet, UNetConfig
-from biounet.train import TrainConfig, TrainingDiverged, train_from_folders, validate
+from biounet.trainer import train_from_folders
 
 NET = UNetConfig(depth=2, base_channels=8)
 

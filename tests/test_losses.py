@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from biounet.errors import BiounetError
+from biounet.loop import TrainConfig
 from biounet.losses import segmentation_loss, soft_dice_loss, weighted_cross_entropy
-from biounet.train import TrainConfig
 
 
 def two_pixels():

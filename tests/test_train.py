@@ -7,9 +7,10 @@ import torch
 
 from biounet.bundle import ModelInfo, load_model
 from biounet.data import DataConfig
+from biounet.loop import TrainConfig
 from biounet.model import UNetConfig
 from biounet.predict import PredictConfig, predict_array
-from biounet.train import TrainConfig, train_from_folders
+from biounet.trainer import train_from_folders
 
 TINY = UNetConfig(depth=2, base_channels=4, dropout=0.3)
 
@@ -216,7 +217,7 @@ def test_post_processing_fitted_to_a_network_that_draws_faint_gaps(tmp_path):
     drawn at their true extent need no growth: the fit must find seeds > 0.65, no growth."""
     from biounet.instances import InstanceConfig
     from biounet.normalize import NormalizeConfig
-    from biounet.train import fit_postprocess
+    from biounet.trainer import fit_postprocess
     from biounet.weightmap import touching_borders
 
     from .test_instances import touching_disks
@@ -238,7 +239,7 @@ def test_post_processing_fitted_to_a_network_that_draws_faint_gaps(tmp_path):
 
 
 def test_cosine_schedule_follows_steps_or_time_whichever_is_further():
-    from biounet.train import lr_factor
+    from biounet.loop import lr_factor
 
     steps = TrainConfig(steps=100, lr_schedule="cosine")
     assert lr_factor(steps, 0, 0.0) == 1.0

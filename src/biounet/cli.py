@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -385,6 +386,29 @@ def _data_path(path: Path | None) -> Path | None:
     return path
 
 
+def as_flags(message: str) -> str:
+    """A config's message worded with the flags that set its fields.
+
+    Field and option names with an underscore are replaced wherever they appear
+    (``max_minutes`` -> ``--max-minutes``, ``border_w0`` -> ``--w0``); a one-word name only
+    where it opens the message as its subject ("steps must be >= 1" -> "--steps must ...").
+    """
+    from biounet.options import TRAIN_OPTIONS, flag
+
+    names = {field: option for option, (_, field) in TRAIN_OPTIONS.items()}
+    names.update({option: option for option in TRAIN_OPTIONS})
+    joined = [n for n in sorted(names, key=len, reverse=True) if "_" in n]
+    message = re.sub(
+        r"(?<![\w/.-])(" + "|".join(joined) + r")(?![\w/-])",
+        lambda m: flag(names[m.group(1)]),
+        message,
+    )
+    first = message.split(" ", 1)[0]
+    if first in names and message.startswith(f"{first} must"):
+        message = flag(names[first]) + message[len(first) :]
+    return message
+
+
 def _model_path(source: Path) -> Path:
     """A model directory: a path that exists, else a shipped model's name, else a model
     directory under $BIOUNET_DATA (where a data folder may carry a shipped model's name)."""
@@ -438,39 +462,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from biounet.io import list_images, read_image
+    from biounet.options import TRAIN_OPTIONS
     from biounet.precision import parse_device
-    from biounet.train import TrainConfig, train_from_folders
+    from biounet.trainer import configs_from_options, train_from_folders
 
     images, masks = _data_path(args.images), _data_path(args.masks)
     in_channels = args.in_channels
     if in_channels is None and not args.resume and args.init is None:
         in_channels = read_image(list_images(images)[0]).shape[0]
-    info = _model_info(args, in_channels or 1)
-    lr = args.lr if args.lr is not None else 0.001
-    workers = args.workers
-    if workers is None:
-        workers = 0 if (os.cpu_count() or 1) <= 2 else min(4, (os.cpu_count() or 1) - 2)
-    if workers < 0:
-        raise BiounetError("--workers must be >= 0")
-    config = TrainConfig(
-        steps=args.steps if args.steps is not None else 2000,
-        batch_size=args.batch_size,
-        tile=args.tile,
-        optimizer=args.optimizer,
-        lr=lr,
-        lr_schedule=args.lr_schedule,
-        dice=args.dice,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        val_every=args.val_every,
-        checkpoint_every=args.checkpoint_every,
-        num_workers=workers,
-        precision=args.precision,
-        max_minutes=args.max_minutes,
-    )
-    info = info.replace(weights_dtype=args.save_dtype)
-    data = _data_config(args)
+    options = {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k, None) is not None}
+    if args.workers is None:
+        cores = os.cpu_count() or 1
+        options["workers"] = 0 if cores <= 2 else min(4, cores - 2)
+    options.pop("device", None)
+    try:
+        info, config, data, _ = configs_from_options(options, in_channels)
+    except BiounetError as exc:
+        raise BiounetError(as_flags(str(exc))) from None
     bar = tqdm(total=config.steps, unit="step", dynamic_ncols=True, disable=None)
 
     def on_step(s) -> None:

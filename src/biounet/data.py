@@ -115,17 +115,33 @@ def load_sample(
     """Read, check and prepare one image/mask pair."""
     image = read_image(image_path, net.in_channels)
     mask = read_mask(mask_path)
+    return make_sample(image_path.stem, image, mask, net, norm, config, mask_path)
+
+
+def make_sample(
+    name: str,
+    image: np.ndarray,
+    mask: np.ndarray,
+    net: UNetConfig,
+    norm: NormalizeConfig,
+    config: DataConfig,
+    source: Path | str = "mask",
+) -> Sample:
+    """Check and prepare one image (C, H, W) and its mask (H, W), as read from files.
+
+    `source` names the mask in error messages (its file, or its place in a list).
+    """
     if mask.shape != image.shape[1:]:
         raise BiounetError(
-            f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image "
-            f"{image_path.name} is {image.shape[1]}x{image.shape[2]}; they must be the same size"
+            f"{source}: mask is {mask.shape[0]}x{mask.shape[1]} but its image {name} is "
+            f"{image.shape[1]}x{image.shape[2]}; they must be the same size"
         )
     classes, instances, mask_type = mask_to_classes(
-        mask, mask_path, config.mask_type, net.num_classes, config.foreground
+        mask, source, config.mask_type, net.num_classes, config.foreground
     )
-    classes, instances = targets(classes, instances, net.num_classes, config, mask_path)
+    classes, instances = targets(classes, instances, net.num_classes, config, source)
     weights = weight_map(classes, instances, net.num_classes, config)
-    return Sample(image_path.stem, normalize(image, norm), classes, weights, instances, mask_type)
+    return Sample(name, normalize(image, norm), classes, weights, instances, mask_type)
 
 
 def mask_weights(

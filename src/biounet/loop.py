@@ -1,4 +1,4 @@
-"""Training: a visible loop over random tiles, with validation, checkpoints and exact resume.
+"""The training loop: a visible loop over random tiles, with validation, checkpoints, exact resume.
 
 Model directory layout written here::
 
@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,31 +30,22 @@ import torch
 from biounet.augment import AugmentConfig
 from biounet.bundle import ModelInfo, load_model, load_weights, save_model
 from biounet.data import (
-    DataConfig,
     Sample,
     TileDataset,
-    load_sample,
-    split_validation,
     tile_geometry,
 )
 from biounet.errors import BiounetError
 from biounet.inference import Engine
-from biounet.instances import InstanceConfig, instances_from_probabilities
 from biounet.io import (
     atomic_path,
     ensure_dir,
-    is_model_dir,
-    list_images,
     load_tensors,
-    pair_by_stem,
     read_json,
-    read_mask,
     save_tensors,
     tensor_metadata,
     write_json,
 )
 from biounet.losses import segmentation_loss
-from biounet.metrics import instance_scores, pool_instance_scores
 from biounet.model import UNet
 from biounet.plots import training_curves
 from biounet.precision import autocast, memory_format, resolve_precision
@@ -234,6 +225,7 @@ def fit(
     model.to(device).to(memory_format=fmt)
     optimizer = make_optimizer(model, config)
     state = TrainState()
+    recorder.bind(info)
     if resume:
         state = recorder.restore(model, optimizer)
         log.info("resumed from step %d", state.step)
@@ -412,6 +404,20 @@ class Recorder:
     def __init__(self) -> None:
         self.rows: list[dict] = []
         self.best: dict[str, torch.Tensor] | None = None  # best weights, else the last ones
+        self.info: ModelInfo | None = None
+
+    def bind(self, info: ModelInfo) -> None:
+        """The model being trained (called first by `fit`)."""
+        self.info = info
+
+    def kept_network(self, info: ModelInfo) -> UNet:
+        """A network holding the kept weights: the best validated, else the last."""
+        net = UNet(info.net)
+        net.load_state_dict(self.best)
+        return net
+
+    def on_end(self, info: ModelInfo) -> None:
+        """The finished model's description (provenance, fitted post-processing)."""
 
     def restore(self, model: UNet, optimizer: torch.optim.Optimizer) -> TrainState:
         raise BiounetError("nothing to resume from: this training keeps no checkpoints")
@@ -444,9 +450,16 @@ def _copy_state(model: UNet) -> dict[str, torch.Tensor]:
 class DirectoryRecorder(Recorder):
     """Keeps a model directory usable throughout training (see the module docstring)."""
 
-    def __init__(self, out_dir: Path, info: ModelInfo) -> None:
+    def __init__(self, out_dir: Path) -> None:
         super().__init__()
-        self.out_dir, self.info = Path(out_dir), info
+        self.out_dir = Path(out_dir)
+
+    def kept_network(self, info: ModelInfo) -> UNet:
+        return load_model(self.out_dir)[0]
+
+    def on_end(self, info: ModelInfo) -> None:
+        # The final provenance next to whichever weights are current.
+        write_json(self.out_dir / "config.json", info.to_dict())
 
     def restore(self, model: UNet, optimizer: torch.optim.Optimizer) -> TrainState:
         return load_checkpoint(self.out_dir, model, optimizer)
@@ -628,157 +641,3 @@ def _truncate_csv(path: Path, step: int) -> None:
         path.unlink()
     for r in rows:
         _append_csv(path, {k: (int(v) if k == "step" else v) for k, v in r.items()})
-
-
-# -- from folders --------------------------------------------------------------------------
-
-
-def train_from_folders(
-    images: Path,
-    masks: Path,
-    out_dir: Path,
-    info: ModelInfo,
-    config: TrainConfig,
-    data: DataConfig,
-    *,
-    val_images: Path | None = None,
-    val_masks: Path | None = None,
-    val_fraction: float = 0.2,
-    init: Path | None = None,
-    resume: bool = False,
-    resume_overrides: dict | None = None,
-    callback: Callback | None = None,
-    command: str | None = None,
-    device: torch.device | None = None,
-) -> TrainState:
-    """Read image/mask folders (matched by file stem), then `fit`.
-
-    Validation uses `val_images`/`val_masks` when given, else the last `val_fraction` of the
-    training files (a contiguous block). With `resume`, the stored training and data settings
-    are used, except for the `TrainConfig` fields in `resume_overrides` (e.g. more steps).
-    """
-    out_dir = Path(out_dir)
-    if resume:
-        stored = read_checkpoint_config(out_dir) | (resume_overrides or {})
-        config = TrainConfig(**stored)
-        info = ModelInfo.from_dict(read_json(out_dir / "config.json"), out_dir / "config.json")
-        if info.training and info.training.get("data_config"):
-            data = DataConfig.from_dict(info.training["data_config"])
-    elif is_model_dir(out_dir) and (init is None or Path(init).resolve() != out_dir.resolve()):
-        raise BiounetError(
-            f"{out_dir}: already holds a model; use --resume to continue its training, "
-            "--init to start from its weights, or another --out"
-        )
-    pairs = pair_by_stem(list_images(Path(images)), Path(masks))
-    if val_images is not None:
-        if val_masks is None:
-            raise BiounetError(f"{val_images}: validation images need --val-masks too")
-        val_pairs = pair_by_stem(list_images(Path(val_images)), Path(val_masks))
-        train_pairs = pairs
-    else:
-        train_pairs, val_pairs = split_validation(pairs, val_fraction)
-    if init is not None and not resume:
-        model, init_info = load_model(Path(init))
-        info = init_info.replace(training=None, weights_dtype=info.weights_dtype)
-    else:
-        torch.manual_seed(config.seed)
-        model = UNet(info.net)
-    load = [load_sample(i, m, info.net, info.normalization, data) for i, m in train_pairs]
-    val = [load_sample(i, m, info.net, info.normalization, data) for i, m in val_pairs]
-    instance_pairs = [
-        pair for pair, sample in zip(train_pairs, load, strict=True)
-        if sample.mask_type == "instances"
-    ]  # fmt: skip
-    if instance_pairs:
-        # Trained on instance masks: `predict --output instances` needs no further flags.
-        # A default until the end of training, when it is fitted on training images.
-        info = info.replace(postprocess={"instances": _default_post(data).to_dict()})
-    info = info.replace(
-        training={
-            "command": command,
-            "images": str(images),
-            "masks": str(masks),
-            "train_files": [p[0].name for p in train_pairs],
-            "val_files": [p[0].name for p in val_pairs],
-            "init": str(init) if init else None,
-            "train_config": asdict(config),
-            "data_config": asdict(data),
-        }
-    )
-    ensure_dir(out_dir)
-    state = fit(
-        model,
-        info,
-        load,
-        val,
-        config,
-        DirectoryRecorder(out_dir, info),
-        resume=resume,
-        augment=data.augment,
-        callback=callback,
-        device=device,
-    )
-    device = device or torch.device("cpu")
-    final = info.training | {
-        # Where and how it ran: the command line under --device auto does not say.
-        "device": device.type,
-        "precision": resolve_precision(config.precision, device),
-        "steps_done": state.step,
-        "best_val_dice": _finite_or_none(state.best_val_dice),
-        "skipped_updates": state.skipped,
-        "last": state.history[-1] if state.history else None,
-    }
-    info = info.replace(training=final)
-    if instance_pairs:
-        shipped, _ = load_model(out_dir)  # the weights saved, which may be the best validated
-        post = fit_postprocess(shipped, info, instance_pairs, data, config.precision, device)
-        info = info.replace(postprocess={"instances": post.to_dict()})
-    # Record the final provenance next to whichever weights are current.
-    write_json(out_dir / "config.json", info.to_dict())
-    return state
-
-
-SEED_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-def _default_post(data: DataConfig) -> InstanceConfig:
-    """Post-processing for a model trained with `data`: 3 classes where contacts are a class."""
-    return InstanceConfig(border_class=2 if data.touching == "class" else None)
-
-
-@torch.no_grad()
-def fit_postprocess(
-    model: UNet,
-    info: ModelInfo,
-    pairs: list[tuple[Path, Path]],
-    data: DataConfig,
-    precision: str = "auto",
-    device: torch.device | None = None,
-    max_images: int = 20,
-) -> InstanceConfig:
-    """Instance post-processing fitted to a trained model on (training) image/mask pairs.
-
-    Tries seeds at each of `SEED_THRESHOLDS` and 0 or 1 px of growth (how far cells must
-    grow back depends on how large the network draws them, which depends on the training),
-    and keeps the pair with the best pooled mean AP over IoU 0.5:0.95 on up to `max_images`
-    evenly spaced pairs, scored against their uncarved instance masks.
-    """
-    engine = Engine(model, device or torch.device("cpu"), precision, info.net)
-    pairs = pairs[:: -(-len(pairs) // max_images)]
-    configs = [
-        replace(_default_post(data), seed_threshold=seed, expand=expand)
-        for seed in SEED_THRESHOLDS
-        for expand in (0, 1)
-    ]
-    scores: list[list[dict]] = [[] for _ in configs]
-    for image_path, mask_path in pairs:
-        sample = load_sample(image_path, mask_path, info.net, info.normalization, data)
-        probs = engine.probabilities(sample.image, None)
-        truth = read_mask(mask_path)
-        for config, found in zip(configs, scores, strict=True):
-            found.append(instance_scores(instances_from_probabilities(probs, config), truth))
-    mean_ap = [pool_instance_scores(found)["mean_ap"] for found in scores]
-    best = configs[int(np.argmax(mean_ap))]
-    log.info("post-processing fitted on %d image(s): %s, mean AP %.3f", len(pairs), best,
-             max(mean_ap))  # fmt: skip
-    return best

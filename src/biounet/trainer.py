@@ -1,0 +1,341 @@
+"""Training runs: from image/mask pairs (folders or arrays) to a finished model.
+
+Reads and checks the pairs, holds out validation, starts the network (fresh, from `init`, or
+from a checkpoint), runs `biounet.loop.fit`, fits the instance post-processing where the
+masks are instance labels, and completes the model's training record. Where the results go
+is the `Recorder`'s business: a model directory (`DirectoryRecorder`) or memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from biounet.augment import AugmentConfig
+from biounet.bundle import ModelInfo, default_class_names, load_model
+from biounet.data import DataConfig, Sample, load_sample, make_sample, split_validation
+from biounet.errors import BiounetError
+from biounet.inference import Engine
+from biounet.instances import InstanceConfig, instances_from_probabilities
+from biounet.io import (
+    is_model_dir,
+    list_images,
+    pair_by_stem,
+    read_image,
+    read_json,
+    read_mask,
+)
+from biounet.loop import (
+    Callback,
+    DirectoryRecorder,
+    Recorder,
+    TrainConfig,
+    TrainState,
+    _finite_or_none,
+    fit,
+    read_checkpoint_config,
+)
+from biounet.metrics import instance_scores, pool_instance_scores
+from biounet.model import UNet, UNetConfig
+from biounet.normalize import NormalizeConfig, normalize
+from biounet.options import split_options
+from biounet.precision import resolve_precision
+
+log = logging.getLogger(__name__)
+SEED_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def configs_from_options(
+    options: dict, in_channels: int | None = None
+) -> tuple[ModelInfo, TrainConfig, DataConfig, dict]:
+    """The configs that training options (`biounet.options.TRAIN_OPTIONS`) describe.
+
+    Options not given take the configs' own defaults. Returns the model's description, the
+    optimisation and data settings, and the run's own options (``val_fraction``, ``device``).
+    """
+    try:
+        return _configs(split_options(options), in_channels)
+    except ValueError as exc:  # the leaves' configs say what is wrong in their own words
+        raise BiounetError(str(exc)) from None
+
+
+def _configs(groups: dict, in_channels: int | None):
+    net = UNetConfig(**({"in_channels": in_channels or 1} | groups.get("net", {})))
+    model = groups.get("model", {})
+    names = model.get("class_names")
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",")]
+    info = ModelInfo(
+        net,
+        tuple(names) if names else default_class_names(net.num_classes),
+        NormalizeConfig(**({"method": model["normalize"]} if "normalize" in model else {})),
+        weights_dtype=model.get("weights_dtype", "float32"),
+    )
+    data_options = dict(groups.get("data", {}))
+    class_balance = not data_options.pop("no_class_balance", False)
+    no_augment = data_options.pop("no_augment", False)
+    std = data_options.pop("elastic_std", None)
+    augment = None
+    if not no_augment:
+        augment = (
+            AugmentConfig() if std is None else AugmentConfig(elastic=std > 0, elastic_std=std)
+        )
+    data = DataConfig(class_balance=class_balance, augment=augment, **data_options)
+    return info, TrainConfig(**groups.get("train", {})), data, groups.get("run", {})
+
+
+@dataclass
+class Examples:
+    """Prepared training data: samples to train and validate on, and the raw instance pairs
+    the post-processing is fitted on."""
+
+    train: list[Sample]
+    val: list[Sample]
+    instance_pairs: list = field(default_factory=list)  # (image, mask) raw, or file paths
+    record: dict = field(default_factory=dict)  # where the data came from
+
+
+def folder_examples(
+    images: Path,
+    masks: Path,
+    info: ModelInfo,
+    data: DataConfig,
+    val_images: Path | None = None,
+    val_masks: Path | None = None,
+    val_fraction: float = 0.2,
+) -> Examples:
+    """Image/mask folders matched by file stem; validation from `val_images`/`val_masks`,
+    else the last `val_fraction` of the training files (a contiguous block)."""
+    pairs = pair_by_stem(list_images(Path(images)), Path(masks))
+    if val_images is not None:
+        if val_masks is None:
+            raise BiounetError(f"{val_images}: validation images need --val-masks too")
+        val_pairs = pair_by_stem(list_images(Path(val_images)), Path(val_masks))
+        train_pairs = pairs
+    else:
+        train_pairs, val_pairs = split_validation(pairs, val_fraction)
+    net, norm = info.net, info.normalization
+    train = [load_sample(i, m, net, norm, data) for i, m in train_pairs]
+    val = [load_sample(i, m, net, norm, data) for i, m in val_pairs]
+    instance_pairs = [
+        pair for pair, s in zip(train_pairs, train, strict=True) if s.mask_type == "instances"
+    ]
+    record = {
+        "images": str(images),
+        "masks": str(masks),
+        "train_files": [p[0].name for p in train_pairs],
+        "val_files": [p[0].name for p in val_pairs],
+    }
+    return Examples(train, val, instance_pairs, record)
+
+
+def array_examples(
+    images: list[np.ndarray],
+    masks: list[np.ndarray],
+    info: ModelInfo,
+    data: DataConfig,
+    val_images: list[np.ndarray] | None = None,
+    val_masks: list[np.ndarray] | None = None,
+    val_fraction: float = 0.2,
+) -> Examples:
+    """Like `folder_examples`, from lists of (C, H, W) images and (H, W) masks in memory."""
+    if len(images) != len(masks):
+        raise BiounetError(f"{len(images)} images but {len(masks)} masks; give one mask each")
+    pairs = list(zip(images, masks, strict=True))
+    names = [f"images[{k}]" for k in range(len(pairs))]
+    if val_images is not None:
+        if val_masks is None or len(val_masks) != len(val_images):
+            raise BiounetError("val_images need as many val_masks")
+        val_pairs, val_names = (
+            list(zip(val_images, val_masks, strict=True)),
+            [f"val_images[{k}]" for k in range(len(val_images))],
+        )
+        train_pairs, train_names = pairs, names
+    else:
+        train_pairs, val_pairs = split_validation(pairs, val_fraction)
+        train_names, val_names = names[: len(train_pairs)], names[len(train_pairs) :]
+
+    def sample(name: str, pair) -> Sample:
+        return make_sample(name, *pair, info.net, info.normalization, data, f"masks of {name}")
+
+    train = [sample(n, p) for n, p in zip(train_names, train_pairs, strict=True)]
+    val = [sample(n, p) for n, p in zip(val_names, val_pairs, strict=True)]
+    instance_pairs = [
+        pair for pair, s in zip(train_pairs, train, strict=True) if s.mask_type == "instances"
+    ]
+    record = {"images": "arrays", "train_files": train_names, "val_files": val_names}
+    return Examples(train, val, instance_pairs, record)
+
+
+def run(
+    examples: Examples,
+    info: ModelInfo,
+    config: TrainConfig,
+    data: DataConfig,
+    recorder: Recorder,
+    *,
+    init: tuple[UNet, ModelInfo] | None = None,
+    init_source: str | None = None,
+    resume: bool = False,
+    callback: Callback | None = None,
+    command: str | None = None,
+    device: torch.device | None = None,
+) -> tuple[UNet, ModelInfo, TrainState]:
+    """Train on `examples` and return the kept network (best validated, else last), its
+    completed `ModelInfo` and the final `TrainState`.
+
+    `init`: a network and its info to start from (`init_source` names it in the record).
+    """
+    if init is not None and not resume:
+        model, init_info = init
+        info = init_info.replace(training=None, weights_dtype=info.weights_dtype)
+    else:
+        torch.manual_seed(config.seed)
+        model = UNet(info.net)
+    if examples.instance_pairs:
+        # Trained on instance masks: `predict --output instances` needs no further flags.
+        # A default until the end of training, when it is fitted on training images.
+        info = info.replace(postprocess={"instances": _default_post(data).to_dict()})
+    info = info.replace(
+        training={
+            "command": command,
+            **examples.record,
+            "init": init_source,
+            "train_config": asdict(config),
+            "data_config": asdict(data),
+        }
+    )
+    state = fit(
+        model,
+        info,
+        examples.train,
+        examples.val,
+        config,
+        recorder,
+        resume=resume,
+        augment=data.augment,
+        callback=callback,
+        device=device,
+    )
+    device = device or torch.device("cpu")
+    info = info.replace(
+        training=info.training
+        | {
+            # Where and how it ran: the command line under --device auto does not say.
+            "device": device.type,
+            "precision": resolve_precision(config.precision, device),
+            "steps_done": state.step,
+            "best_val_dice": _finite_or_none(state.best_val_dice),
+            "skipped_updates": state.skipped,
+            "last": state.history[-1] if state.history else None,
+        }
+    )
+    kept = recorder.kept_network(info)  # the weights saved, which may be the best validated
+    if examples.instance_pairs:
+        post = fit_postprocess(kept, info, examples.instance_pairs, data, config.precision, device)
+        info = info.replace(postprocess={"instances": post.to_dict()})
+    recorder.on_end(info)
+    return kept, info, state
+
+
+def train_from_folders(
+    images: Path,
+    masks: Path,
+    out_dir: Path,
+    info: ModelInfo,
+    config: TrainConfig,
+    data: DataConfig,
+    *,
+    val_images: Path | None = None,
+    val_masks: Path | None = None,
+    val_fraction: float = 0.2,
+    init: Path | None = None,
+    resume: bool = False,
+    resume_overrides: dict | None = None,
+    callback: Callback | None = None,
+    command: str | None = None,
+    device: torch.device | None = None,
+) -> TrainState:
+    """Train on image/mask folders (matched by file stem) into the model directory `out_dir`.
+
+    With `resume`, the stored training and data settings are used, except for the
+    `TrainConfig` fields in `resume_overrides` (e.g. more steps).
+    """
+    out_dir = Path(out_dir)
+    if resume:
+        stored = read_checkpoint_config(out_dir) | (resume_overrides or {})
+        config = TrainConfig(**stored)
+        info = ModelInfo.from_dict(read_json(out_dir / "config.json"), out_dir / "config.json")
+        if info.training and info.training.get("data_config"):
+            data = DataConfig.from_dict(info.training["data_config"])
+    elif is_model_dir(out_dir) and (init is None or Path(init).resolve() != out_dir.resolve()):
+        raise BiounetError(
+            f"{out_dir}: already holds a model; use --resume to continue its training, "
+            "--init to start from its weights, or another --out"
+        )
+    start = load_model(Path(init)) if init is not None and not resume else None
+    if start is not None:
+        info = start[1].replace(training=None, weights_dtype=info.weights_dtype)
+    examples = folder_examples(images, masks, info, data, val_images, val_masks, val_fraction)
+    _, _, state = run(
+        examples,
+        info,
+        config,
+        data,
+        DirectoryRecorder(out_dir),
+        init=start,
+        init_source=str(init) if init else None,
+        resume=resume,
+        callback=callback,
+        command=command,
+        device=device,
+    )
+    return state
+
+
+def _default_post(data: DataConfig) -> InstanceConfig:
+    """Post-processing for a model trained with `data`: 3 classes where contacts are a class."""
+    return InstanceConfig(border_class=2 if data.touching == "class" else None)
+
+
+@torch.no_grad()
+def fit_postprocess(
+    model: UNet,
+    info: ModelInfo,
+    pairs: list,
+    data: DataConfig,
+    precision: str = "auto",
+    device: torch.device | None = None,
+    max_images: int = 20,
+) -> InstanceConfig:
+    """Instance post-processing fitted to a trained model on (training) image/mask pairs.
+
+    `pairs`: (image file, mask file) or (image (C, H, W), instance mask (H, W)) arrays.
+    Tries seeds at each of `SEED_THRESHOLDS` and 0 or 1 px of growth (how far cells must
+    grow back depends on how large the network draws them, which depends on the training),
+    and keeps the pair with the best pooled mean AP over IoU 0.5:0.95 on up to `max_images`
+    evenly spaced pairs, scored against their uncarved instance masks.
+    """
+    engine = Engine(model, device or torch.device("cpu"), precision, info.net)
+    pairs = pairs[:: -(-len(pairs) // max_images)]
+    configs = [
+        replace(_default_post(data), seed_threshold=seed, expand=expand)
+        for seed in SEED_THRESHOLDS
+        for expand in (0, 1)
+    ]
+    scores: list[list[dict]] = [[] for _ in configs]
+    for image, truth in pairs:
+        if isinstance(image, str | Path):
+            image, truth = read_image(image, info.net.in_channels), read_mask(truth)
+        probs = engine.probabilities(normalize(image, info.normalization), None)
+        for config, found in zip(configs, scores, strict=True):
+            found.append(instance_scores(instances_from_probabilities(probs, config), truth))
+    mean_ap = [pool_instance_scores(found)["mean_ap"] for found in scores]
+    best = configs[int(np.argmax(mean_ap))]
+    log.info("post-processing fitted on %d image(s): %s, mean AP %.3f", len(pairs), best,
+             max(mean_ap))  # fmt: skip
+    return best
