@@ -28,8 +28,8 @@ def use_final_weights(model_dir: Path) -> None:
     Peers have no model selection, and the validation images are the ones we report on:
     selecting on them would flatter our rows, so every row is scored with its final weights.
     """
-    from biounet.bundle import load_info, load_weights, save_model
     from biounet.model import UNet
+    from biounet.modeldir import load_info, load_weights, save_model
 
     info = load_info(model_dir)
     last = model_dir / "checkpoints" / "last" / "model.safetensors"

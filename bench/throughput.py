@@ -40,8 +40,8 @@ import tifffile
 import torch
 
 from _common import median_time
-from biounet.bundle import ModelInfo, save_model
 from biounet.model import UNet, UNetConfig
+from biounet.modeldir import ModelInfo, save_model
 from biounet.normalize import NormalizeConfig, normalize
 from biounet.precision import autocast, bytes_per_value, memory_format, resolve_precision
 from biounet.tiling import model_forward, plan_tiles
@@ -102,7 +102,8 @@ def training_rate(net: UNetConfig, steps: int) -> float:
 
     from biounet.augment import AugmentConfig
     from biounet.data import DataConfig, load_sample
-    from biounet.loop import DirectoryRecorder, TrainConfig, fit
+    from biounet.loop import TrainConfig, fit
+    from biounet.modeldir import DirectoryRecorder
 
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)

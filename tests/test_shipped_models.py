@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from biounet.bundle import load_model
 from biounet.instances import instances_from_probabilities
 from biounet.io import read_image, read_mask
 from biounet.metrics import instance_scores, pixel_error, pool_instance_scores, rand_scores
+from biounet.modeldir import load_model
 from biounet.predict import PredictConfig, instance_config, predict_array
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

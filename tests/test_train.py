@@ -5,10 +5,10 @@ import pytest
 import tifffile
 import torch
 
-from biounet.bundle import ModelInfo, load_model
 from biounet.data import DataConfig
 from biounet.loop import TrainConfig
 from biounet.model import UNetConfig
+from biounet.modeldir import ModelInfo, load_model
 from biounet.predict import PredictConfig, predict_array
 from biounet.trainer import train_from_folders
 
@@ -131,7 +131,7 @@ def test_time_budget_stops_training_and_still_saves(disk_folders, tmp_path):
 
 
 def test_half_precision_storage_halves_the_file_and_keeps_predictions(disk_folders, tmp_path):
-    from biounet.bundle import save_model
+    from biounet.modeldir import save_model
 
     model, info = load_model(_trained(disk_folders, tmp_path))
     save_model(tmp_path / "half", model, info.replace(weights_dtype="float16"))

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from biounet.bundle import (
+from biounet.errors import BiounetError
+from biounet.inference import Engine, Tiling
+from biounet.model import UNet, UNetConfig
+from biounet.modeldir import (
     ModelInfo,
     describe,
     load_model,
@@ -21,9 +24,6 @@ from biounet.bundle import (
     save_model,
     shipped_model_dirs,
 )
-from biounet.errors import BiounetError
-from biounet.inference import Engine, Tiling
-from biounet.model import UNet, UNetConfig
 from biounet.normalize import normalize
 from biounet.precision import parse_device
 from biounet.predict import OUTPUTS, output_array
@@ -320,7 +320,8 @@ def train(
     >>> model.predict(image)
     """
     from biounet.io import is_model_dir
-    from biounet.loop import DirectoryRecorder, Recorder
+    from biounet.loop import Recorder
+    from biounet.modeldir import DirectoryRecorder
     from biounet.trainer import array_examples, configs_from_options, folder_examples, run
 
     folders = isinstance(images, str | Path)

@@ -355,8 +355,8 @@ def _data_config(args: argparse.Namespace):
 
 
 def _model_info(args: argparse.Namespace, in_channels: int):
-    from biounet.bundle import ModelInfo, default_class_names
     from biounet.model import UNetConfig
+    from biounet.modeldir import ModelInfo, default_class_names
     from biounet.normalize import NormalizeConfig
 
     net = UNetConfig(
@@ -412,8 +412,8 @@ def as_flags(message: str) -> str:
 def _model_path(source: Path) -> Path:
     """A model directory: a path that exists, else a shipped model's name, else a model
     directory under $BIOUNET_DATA (where a data folder may carry a shipped model's name)."""
-    from biounet.bundle import resolve_model, shipped_model_dirs
     from biounet.io import is_model_dir
+    from biounet.modeldir import resolve_model, shipped_model_dirs
 
     found = _data_path(source)
     if not source.exists() and str(source) not in shipped_model_dirs() and is_model_dir(found):
@@ -424,9 +424,9 @@ def _model_path(source: Path) -> Path:
 def cmd_init(args: argparse.Namespace) -> int:
     import torch
 
-    from biounet.bundle import save_model
     from biounet.io import is_model_dir
     from biounet.model import UNet
+    from biounet.modeldir import save_model
 
     if is_model_dir(args.model_dir) and not args.force:
         raise BiounetError(f"{args.model_dir}: already holds a model; use --force to overwrite")
@@ -444,7 +444,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from biounet.bundle import load_model
+    from biounet.modeldir import load_model
     from biounet.tiling import valid_tiles
 
     model, info = load_model(_model_path(args.model_dir))

@@ -1,34 +1,24 @@
-"""The training loop: a visible loop over random tiles, with validation, checkpoints, exact resume.
+"""The training loop: a visible loop over random tiles, with validation and exact resume.
 
-Model directory layout written here::
-
-    MODEL_DIR/config.json            architecture, classes, normalisation, how it was trained
-    MODEL_DIR/weights.safetensors    best weights by validation Dice (latest without validation)
-    MODEL_DIR/training.csv           one row per logged step
-    MODEL_DIR/curves.png             loss curves
-    MODEL_DIR/checkpoints/last/      weights, optimizer state (safetensors) and state.json
-
-Resuming is exact on CPU because every random draw is a function of (seed, step): tiles come
-from `TileDataset` by index, and dropout's torch generator is re-seeded each step.
-`fit` itself writes nothing: a `Recorder` keeps what it reports (`DirectoryRecorder`: the
-model directory above; the base class: the best weights, in memory).
+`fit` writes nothing: what it reports (logged rows, better weights, checkpoint moments) goes
+to a recorder, `Recorder` (memory) or `biounet.modeldir.DirectoryRecorder` (a model
+directory). Resuming is exact on CPU because every random draw is a function of
+(seed, step): tiles come from `TileDataset` by index, and dropout's torch generator is
+re-seeded each step.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from biounet.augment import AugmentConfig
-from biounet.bundle import ModelInfo, load_model, load_weights, save_model
 from biounet.data import (
     Sample,
     TileDataset,
@@ -36,33 +26,12 @@ from biounet.data import (
 )
 from biounet.errors import BiounetError
 from biounet.inference import Engine
-from biounet.io import (
-    atomic_path,
-    ensure_dir,
-    load_tensors,
-    read_json,
-    save_tensors,
-    tensor_metadata,
-    write_json,
-)
 from biounet.losses import segmentation_loss
 from biounet.model import UNet
-from biounet.plots import training_curves
+from biounet.modeldir import ModelInfo
 from biounet.precision import autocast, memory_format, resolve_precision
 
 log = logging.getLogger(__name__)
-CSV_FIELDS = (
-    "step",
-    "loss",
-    "lr",
-    "tiles_per_s",
-    "elapsed_s",
-    "val_loss",
-    "val_accuracy",
-    "val_dice",
-    "skipped",
-)
-
 # A non-finite loss or gradient is recomputed this many times before the update is skipped
 # (a transient non-finite value from a kernel then leaves the trajectory unchanged), and this
 # many skipped updates in a row stop training: the model has diverged.
@@ -227,7 +196,7 @@ def fit(
     state = TrainState()
     recorder.bind(info)
     if resume:
-        state = recorder.restore(model, optimizer)
+        state = TrainState(**recorder.restore(model, optimizer))
         log.info("resumed from step %d", state.step)
     else:
         recorder.on_start()
@@ -419,7 +388,9 @@ class Recorder:
     def on_end(self, info: ModelInfo) -> None:
         """The finished model's description (provenance, fitted post-processing)."""
 
-    def restore(self, model: UNet, optimizer: torch.optim.Optimizer) -> TrainState:
+    def restore(self, model: UNet, optimizer: torch.optim.Optimizer) -> dict:
+        """Load the last checkpoint into `model` and `optimizer`; returns `TrainState`'s
+        fields."""
         raise BiounetError("nothing to resume from: this training keeps no checkpoints")
 
     def on_start(self) -> None:
@@ -445,50 +416,6 @@ class Recorder:
 
 def _copy_state(model: UNet) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-
-
-class DirectoryRecorder(Recorder):
-    """Keeps a model directory usable throughout training (see the module docstring)."""
-
-    def __init__(self, out_dir: Path) -> None:
-        super().__init__()
-        self.out_dir = Path(out_dir)
-
-    def kept_network(self, info: ModelInfo) -> UNet:
-        return load_model(self.out_dir)[0]
-
-    def on_end(self, info: ModelInfo) -> None:
-        # The final provenance next to whichever weights are current.
-        write_json(self.out_dir / "config.json", info.to_dict())
-
-    def restore(self, model: UNet, optimizer: torch.optim.Optimizer) -> TrainState:
-        return load_checkpoint(self.out_dir, model, optimizer)
-
-    def on_start(self) -> None:
-        ensure_dir(self.out_dir)
-        _truncate_csv(self.out_dir / "training.csv", 0)
-
-    def on_row(self, row: dict) -> None:
-        _append_csv(self.out_dir / "training.csv", row)
-
-    def on_best(self, model: UNet) -> None:
-        save_model(self.out_dir, model, self.info)
-
-    def on_checkpoint(
-        self,
-        model: UNet,
-        optimizer: torch.optim.Optimizer,
-        state: TrainState,
-        config: TrainConfig,
-        has_val: bool,
-    ) -> None:
-        save_checkpoint(self.out_dir, model, optimizer, state, config)
-        if not has_val or not math.isfinite(state.best_val_dice):
-            save_model(self.out_dir, model, self.info)
-        history = _read_csv(self.out_dir / "training.csv")
-        if history:
-            with atomic_path(self.out_dir / "curves.png") as tmp:
-                training_curves(history).savefig(tmp, format="png", dpi=100)
 
 
 @torch.no_grad()
@@ -531,113 +458,3 @@ def validate(
     present = sums[1:] > 0
     dice = float(np.mean(2 * inter[1:][present] / sums[1:][present])) if present.any() else 0.0
     return {"loss": float(np.mean(losses)), "accuracy": correct / total, "dice": dice}
-
-
-# -- checkpoints ---------------------------------------------------------------------------
-
-
-def save_checkpoint(
-    out_dir: Path,
-    model: UNet,
-    optimizer: torch.optim.Optimizer,
-    state: TrainState,
-    config: TrainConfig,
-) -> None:
-    """Weights and optimizer state as safetensors, the rest as JSON; state.json written last."""
-    if not _finite_weights(model):
-        raise BiounetError(f"{out_dir}: the weights are not finite; no checkpoint written")
-    folder = ensure_dir(out_dir / "checkpoints" / "last")
-    # Each file is atomic, the set is not: every file carries its step, checked on resume.
-    stamp = {"step": str(state.step)}
-    save_tensors(folder / "model.safetensors", model.state_dict(), metadata=stamp)
-    tensors, scalars = {}, {}
-    opt_state = optimizer.state_dict()
-    for idx, entries in opt_state["state"].items():
-        for key, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value
-            else:
-                scalars.setdefault(str(idx), {})[key] = value
-    save_tensors(folder / "optimizer.safetensors", tensors, metadata=stamp)
-    write_json(
-        folder / "state.json",
-        {
-            "step": state.step,
-            "best_val_dice": _finite_or_none(state.best_val_dice),
-            "elapsed_s": state.elapsed_s,
-            "skipped": state.skipped,
-            "skipped_in_a_row": state.skipped_in_a_row,
-            "train_config": asdict(config),
-            "optimizer": {"param_groups": opt_state["param_groups"], "scalars": scalars},
-        },
-    )
-
-
-def read_checkpoint_config(out_dir: Path) -> dict:
-    path = out_dir / "checkpoints" / "last" / "state.json"
-    if not path.is_file():
-        raise BiounetError(f"{out_dir}: no checkpoint to resume from (missing {path})")
-    return read_json(path)["train_config"]
-
-
-def load_checkpoint(out_dir: Path, model: UNet, optimizer: torch.optim.Optimizer) -> TrainState:
-    folder = out_dir / "checkpoints" / "last"
-    meta = read_json(folder / "state.json")
-    for name in ("model.safetensors", "optimizer.safetensors"):
-        stamped = tensor_metadata(folder / name).get("step")
-        if stamped != str(meta["step"]):
-            raise BiounetError(
-                f"{folder / name}: holds step {stamped} but state.json step {meta['step']} "
-                "(training was killed while saving); delete checkpoints/ to restart"
-            )
-    load_weights(model, folder / "model.safetensors")
-    tensors = load_tensors(folder / "optimizer.safetensors")
-    opt_state: dict = {"state": {}, "param_groups": meta["optimizer"]["param_groups"]}
-    for name, value in tensors.items():
-        idx, key = name.split(".", 1)
-        opt_state["state"].setdefault(int(idx), {})[key] = value
-    for idx, entries in meta["optimizer"]["scalars"].items():
-        opt_state["state"].setdefault(int(idx), {}).update(entries)
-    optimizer.load_state_dict(opt_state)
-    step = int(meta["step"])
-    _truncate_csv(out_dir / "training.csv", step)
-    best = meta.get("best_val_dice")
-    return TrainState(
-        step=step,
-        best_val_dice=-math.inf if best is None else best,
-        elapsed_s=float(meta.get("elapsed_s", 0.0)),
-        skipped=int(meta.get("skipped", 0)),
-        skipped_in_a_row=int(meta.get("skipped_in_a_row", 0)),
-    )
-
-
-def _finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
-def _read_csv(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return [
-            {k: float(v) for k, v in row.items() if v not in ("", None)}
-            for row in csv.DictReader(f)
-        ]
-
-
-def _append_csv(path: Path, row: dict) -> None:
-    new = not path.is_file()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
-
-
-def _truncate_csv(path: Path, step: int) -> None:
-    """Drop rows logged after `step` (an interrupted run may have logged past its checkpoint)."""
-    rows = [r for r in _read_csv(path) if r["step"] <= step]
-    if path.is_file():
-        path.unlink()
-    for r in rows:
-        _append_csv(path, {k: (int(v) if k == "step" else v) for k, v in r.items()})

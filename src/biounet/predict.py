@@ -13,7 +13,6 @@ import numpy as np
 import tifffile
 import torch
 
-from biounet.bundle import ModelInfo, load_model
 from biounet.errors import BiounetError
 from biounet.inference import Engine, Tiling, softmax
 from biounet.instances import (
@@ -24,6 +23,7 @@ from biounet.instances import (
 )
 from biounet.io import ensure_dir, is_image_file, list_images, read_image, write_png, write_tiff
 from biounet.model import UNet
+from biounet.modeldir import ModelInfo, load_model
 from biounet.normalize import normalize
 from biounet.plots import instance_overlay, overlay, to_uint8
 from biounet.precision import default_device, resolve_precision

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from biounet.augment import AugmentConfig
-from biounet.bundle import ModelInfo, default_class_names, load_model
 from biounet.data import DataConfig, Sample, load_sample, make_sample, split_validation
 from biounet.errors import BiounetError
 from biounet.inference import Engine
@@ -29,18 +28,17 @@ from biounet.io import (
     read_json,
     read_mask,
 )
-from biounet.loop import (
-    Callback,
-    DirectoryRecorder,
-    Recorder,
-    TrainConfig,
-    TrainState,
-    _finite_or_none,
-    fit,
-    read_checkpoint_config,
-)
+from biounet.loop import Callback, Recorder, TrainConfig, TrainState, fit
 from biounet.metrics import instance_scores, pool_instance_scores
 from biounet.model import UNet, UNetConfig
+from biounet.modeldir import (
+    DirectoryRecorder,
+    ModelInfo,
+    default_class_names,
+    finite_or_none,
+    load_model,
+    read_checkpoint_config,
+)
 from biounet.normalize import NormalizeConfig, normalize
 from biounet.options import split_options
 from biounet.precision import resolve_precision
@@ -229,7 +227,7 @@ def run(
             "device": device.type,
             "precision": resolve_precision(config.precision, device),
             "steps_done": state.step,
-            "best_val_dice": _finite_or_none(state.best_val_dice),
+            "best_val_dice": finite_or_none(state.best_val_dice),
             "skipped_updates": state.skipped,
             "last": state.history[-1] if state.history else None,
         }
