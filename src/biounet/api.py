@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from biounet.configs import DEFAULT_MEMORY_MB, OUTPUTS, Tiling
 from biounet.errors import BiounetError
-from biounet.inference import Engine, Tiling
+from biounet.inference import Engine
 from biounet.model import UNet, UNetConfig
 from biounet.modeldir import (
     ModelInfo,
@@ -26,8 +27,8 @@ from biounet.modeldir import (
 )
 from biounet.normalize import normalize
 from biounet.precision import parse_device
-from biounet.predict import OUTPUTS, output_array
-from biounet.tiling import DEFAULT_MEMORY_MB, valid_tiles
+from biounet.predict import output_array
+from biounet.tiling import valid_tiles
 
 
 def models() -> dict[str, str]:

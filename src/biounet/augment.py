@@ -27,10 +27,12 @@ Conventions
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+
+from biounet.configs import AugmentConfig
+from biounet.mirror import center_crop
 
 __all__ = [
     "AugmentConfig",
@@ -46,83 +48,6 @@ __all__ = [
 # global recursive filter whose boundary effect decays like |pole|^k (worst pole 0.43 at
 # order 5), so 40 px puts the error of working on a window below 1e-14 of the image range.
 _SPLINE_MARGIN = 40
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Which augmentations to draw, and how strong.
-
-    Attributes
-    ----------
-    elastic : bool
-        Smooth elastic deformation (the paper's main augmentation).
-    elastic_grid : int
-        Control points per axis, spread evenly over the tile, corners included (paper: 3).
-    elastic_std : float
-        Standard deviation, in pixels, of the Gaussian control-point displacements (paper: 10).
-    rotate : bool
-        Rotation about the tile centre by an angle uniform in [0, 360) degrees.
-    max_shift : float
-        Shift of the whole tile, uniform in [-max_shift, max_shift] pixels per axis. Default 0:
-        the tile centre is already drawn at random by the training pipeline.
-    flip : bool
-        Independent vertical and horizontal flips, each with probability 1/2.
-    scale_range : tuple of float
-        Zoom factor, uniform in ``[lo, hi]``; a factor s > 1 magnifies (the tile covers 1/s of
-        the image extent). Default ``(1.0, 1.0)``: no scaling, the paper does not mention any.
-    gray : bool
-        Gray-value changes in `adjust_gray`.
-    gamma_range : tuple of float
-        Gamma exponent, log-uniform in the range (applied to the tile's own value range).
-    contrast_range : tuple of float
-        Contrast factor about the tile mean, uniform in the range.
-    brightness_range : tuple of float
-        Added offset, uniform in the range; in units of the image values (images are
-        normalised to about [0, 1], so +-0.1 is +-10 % of the range).
-    """
-
-    elastic: bool = True
-    elastic_grid: int = 3
-    elastic_std: float = 10.0
-    rotate: bool = True
-    max_shift: float = 0.0
-    flip: bool = True
-    scale_range: tuple[float, float] = (1.0, 1.0)
-    gray: bool = True
-    gamma_range: tuple[float, float] = (0.8, 1.25)
-    contrast_range: tuple[float, float] = (0.8, 1.25)
-    brightness_range: tuple[float, float] = (-0.1, 0.1)
-
-    def __post_init__(self) -> None:
-        if self.elastic_grid < 2:
-            raise ValueError(f"elastic_grid must be >= 2, got {self.elastic_grid}")
-        if not self.elastic_std >= 0:
-            raise ValueError(f"elastic_std must be >= 0, got {self.elastic_std}")
-        if not self.max_shift >= 0:
-            raise ValueError(f"max_shift must be >= 0, got {self.max_shift}")
-        for name in ("scale_range", "gamma_range", "contrast_range", "brightness_range"):
-            lo, hi = getattr(self, name)
-            if not lo <= hi:
-                raise ValueError(f"{name} must satisfy lo <= hi, got {(lo, hi)}")
-        for name in ("scale_range", "gamma_range", "contrast_range"):
-            if not getattr(self, name)[0] > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-
-    @classmethod
-    def off(cls) -> AugmentConfig:
-        """A configuration with every augmentation disabled (plain crops, unchanged values)."""
-        return cls(elastic=False, rotate=False, flip=False, gray=False)
-
-    @property
-    def is_geometric_identity(self) -> bool:
-        """True when `sample_coordinates` always returns the plain crop."""
-        return (
-            not (self.elastic and self.elastic_std > 0)
-            and not self.rotate
-            and not self.flip
-            and self.max_shift == 0
-            and self.scale_range == (1.0, 1.0)
-        )
 
 
 def identity_coordinates(tile_shape: tuple[int, int], center: tuple[float, float]) -> np.ndarray:
@@ -147,33 +72,6 @@ def identity_coordinates(tile_shape: tuple[int, int], center: tuple[float, float
     coords[0] = rows[:, None]
     coords[1] = cols[None, :]
     return coords
-
-
-def center_crop(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Central ``shape`` window of the last two axes, aligned with the tile convention.
-
-    Tile pixel ``(h // 2, w // 2)`` of the input lands on pixel ``(h_out // 2, w_out // 2)`` of
-    the crop, so cropping ``identity_coordinates(tile_shape, c)`` gives
-    ``identity_coordinates(shape, c)``. Use it to take the target window's coordinates from the
-    map sampled for the input tile.
-
-    Parameters
-    ----------
-    array : ndarray, shape (..., h, w)
-    shape : tuple of int
-        ``(h_out, w_out)``, each no larger than the input's.
-
-    Returns
-    -------
-    ndarray, shape (..., h_out, w_out), a view of `array`
-    """
-    h, w = array.shape[-2:]
-    h_out, w_out = _check_shape(shape)
-    if h_out > h or w_out > w:
-        raise ValueError(f"crop {shape} is larger than the array's last axes {(h, w)}")
-    r0 = h // 2 - h_out // 2
-    c0 = w // 2 - w_out // 2
-    return array[..., r0 : r0 + h_out, c0 : c0 + w_out]
 
 
 def elastic_displacement(

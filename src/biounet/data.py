@@ -14,13 +14,14 @@ lets DataLoader workers (and later DDP ranks) share the work without sharing sta
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from biounet.augment import AugmentConfig, adjust_gray, center_crop, sample_coordinates, warp
+from biounet.configs import DataConfig
 from biounet.errors import BiounetError
 from biounet.io import mask_to_classes, read_image, read_mask
 from biounet.mirror import mirror_crop
@@ -34,63 +35,7 @@ from biounet.weightmap import (
     touching_borders,
 )
 
-TOUCHING = ("background", "class", "keep")
-
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """How masks are read and weighted.
-
-    Parameters
-    ----------
-    mask_type : {"binary", "instances", "classes"} or None
-        None detects per mask (<= 2 values: binary, more: instances).
-    foreground : int, optional
-        Stored value of the foreground in binary masks (default: the larger value).
-    class_balance : bool
-        Weight pixels by inverse class frequency per image (w_c of the paper's eq. 2).
-    border_w0, border_sigma : float
-        The paper's border term w0 * exp(-(d1 + d2)^2 / (2 sigma^2)); ``border_w0 = 0`` turns
-        it off. It applies to the pixels between cells.
-    cell_class : int
-        For binary and class masks: the class whose connected components are the cells
-        (1 for nuclei on background; 0 for ISBI, where class 1 is the membrane between cells).
-        Instance masks give the cells directly.
-    touching : {"background", "class", "keep"}
-        Instance masks only: where two cells touch, their contact pixels become background
-        (the paper's way, for 2-class models), a third "border" class 2 (for 3-class models:
-        the network learns the contacts explicitly), or stay cell ("keep").
-    augment : AugmentConfig or None
-        Elastic deformation, rotation, flips, gray values (None: plain crops).
-    """
-
-    mask_type: str | None = None
-    foreground: int | None = None
-    class_balance: bool = True
-    border_w0: float = 10.0
-    border_sigma: float = 5.0
-    cell_class: int = 1
-    touching: str = "background"
-    augment: AugmentConfig | None = field(default_factory=AugmentConfig)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DataConfig:
-        d = dict(d)
-        if d.get("augment") is not None:
-            aug = dict(d["augment"])
-            for key, value in aug.items():
-                if isinstance(value, list):
-                    aug[key] = tuple(value)
-            d["augment"] = AugmentConfig(**aug)
-        return cls(**d)
-
-    def __post_init__(self) -> None:
-        if self.touching not in TOUCHING:
-            raise BiounetError(f"touching must be one of {TOUCHING}, not {self.touching!r}")
-        if self.border_w0 < 0 or self.border_sigma <= 0:
-            raise BiounetError("need border w0 >= 0 and sigma > 0")
 
 
 @dataclass

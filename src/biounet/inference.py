@@ -9,68 +9,23 @@ inference mode); the tile loop itself is `biounet.tiling.tile_outputs`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from biounet.errors import BiounetError
+from biounet.configs import Tiling
 from biounet.model import UNet, UNetConfig
 from biounet.normalize import NormalizeConfig, normalize
-from biounet.precision import bytes_per_value, default_device, resolve_precision
+from biounet.precision import default_device, resolve_precision
 from biounet.tiling import (
-    DEFAULT_MEMORY_MB,
     TilePlan,
     model_forward,
-    plan_tiles,
+    plan_for,
     predict_tiled,
     tile_outputs,
 )
 
 Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class Tiling:
-    """How an image is cut into tiles.
-
-    Parameters
-    ----------
-    tile : int, optional
-        Output tile side, snapped down to a valid size. Default: the tile that computes the
-        fewest pixels for each image within `memory_mb` (`biounet.tiling.auto_tile`).
-    halo : int, optional
-        Discarded tile border of the padded ("same") variant (default: exact tiling).
-    batch_size : int
-        Tiles per forward pass.
-    memory_mb : float
-        Budget for the feature maps of one batch of tiles when the tile size is automatic.
-    """
-
-    tile: int | None = None
-    halo: int | None = None
-    batch_size: int = 1
-    memory_mb: float = DEFAULT_MEMORY_MB
-
-    def __post_init__(self) -> None:
-        if isinstance(self.batch_size, bool) or self.batch_size < 1:
-            raise BiounetError(f"batch size must be >= 1, not {self.batch_size}")
-        if not self.memory_mb > 0 or self.memory_mb == float("inf"):
-            raise BiounetError(
-                f"memory budget must be a finite number of MiB > 0, not {self.memory_mb}"
-            )
-
-    def plan(self, net: UNetConfig, shape: tuple[int, int], precision: str) -> TilePlan:
-        """The tiling of an image of `shape` (H, W) at a resolved `precision`."""
-        return plan_tiles(
-            net,
-            shape,
-            self.tile,
-            self.halo,
-            memory_mb=self.memory_mb,
-            batch_size=self.batch_size,
-            bytes_per_value=bytes_per_value(precision),
-        )
 
 
 def dihedral_views() -> list[tuple[int, bool]]:
@@ -114,10 +69,10 @@ class Engine:
         self.forward = model_forward(model.to(self.device), self.precision, self.device)
 
     def plan(self, shape: tuple[int, int], tiling: Tiling) -> TilePlan:
-        return tiling.plan(self.net, shape, self.precision)
+        return plan_for(self.net, shape, tiling, self.precision)
 
     def logits(
-        self, image: np.ndarray, tiling: Tiling = Tiling(), progress: Progress | None = None
+        self, image: np.ndarray, tiling: Tiling | None = None, progress: Progress | None = None
     ) -> np.ndarray:
         """Stitched raw outputs of a normalised image.
 
@@ -130,6 +85,7 @@ class Engine:
         -------
         ndarray of float32, shape (K, H, W)
         """
+        tiling = tiling or Tiling()
         plan = self.plan(image.shape[1:], tiling)
         return predict_tiled(
             self.forward, image, plan, self.net.num_classes, tiling.batch_size, progress
@@ -139,7 +95,7 @@ class Engine:
         self,
         image: np.ndarray,
         normalization: NormalizeConfig | None,
-        tiling: Tiling = Tiling(),
+        tiling: Tiling | None = None,
         tta: bool = False,
         progress: Progress | None = None,
     ) -> np.ndarray:
@@ -159,6 +115,7 @@ class Engine:
         -------
         ndarray of float32, shape (K, H, W), softmax over K
         """
+        tiling = tiling or Tiling()
         x = image if normalization is None else normalize(image, normalization)
         views = dihedral_views() if tta else [(0, False)]
         shapes = [x.shape[1:] if k % 2 == 0 else x.shape[:0:-1] for k, _ in views]

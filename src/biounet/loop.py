@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from biounet.augment import AugmentConfig
+from biounet.configs import TrainConfig
 from biounet.data import (
     Sample,
     TileDataset,
@@ -41,58 +42,6 @@ MAX_SKIPS_IN_A_ROW = 10
 
 class TrainingDiverged(BiounetError):
     """Training produced non-finite losses or gradients at too many steps in a row."""
-
-
-LR_SCHEDULES = ("constant", "cosine")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings.
-
-    The paper trains with SGD, momentum 0.99 and large tiles (``optimizer="sgd"``). The default
-    is Adam (lr 1e-3): on ISBI 2012 with the border weight map, SGD at momentum 0.99 diverged at
-    lr 1e-2 and 5e-2 and reached a validation loss of 0.63 at lr 1e-3 where Adam reached 0.47
-    after 300 steps (base 16, tile 228; commands in docs/benchmarks.md).
-    """
-
-    steps: int = 2000
-    batch_size: int = 1
-    tile: int = 388  # output tile side, snapped down to a valid size
-    optimizer: str = "adam"  # "adam" or "sgd" (momentum 0.99, the paper's)
-    lr: float = 0.001
-    momentum: float = 0.99
-    weight_decay: float = 0.0
-    seed: int = 0
-    val_every: int = 200
-    checkpoint_every: int = 200
-    log_every: int = 10
-    num_workers: int = 0
-    precision: str = "auto"
-    max_minutes: float | None = None  # wall-clock budget; training stops at steps or budget
-    # "cosine": lr * (1 + cos(pi * progress)) / 2, progress = the larger of the fractions of
-    # steps and of the time budget spent, so a wall-clock run also ends at a small lr and its
-    # last weights are not a random point of a noisy batch-1 trajectory.
-    lr_schedule: str = "constant"
-    # Weight of a soft Dice term added to the weighted cross-entropy (0: the paper's loss).
-    dice: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in ("sgd", "adam"):
-            raise BiounetError(f"optimizer must be sgd or adam, not {self.optimizer!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise BiounetError(
-                f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}"
-            )
-        for name in ("steps", "batch_size", "val_every", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise BiounetError(f"{name} must be >= 1")
-        if not self.lr > 0:
-            raise BiounetError("learning rate must be > 0")
-        if not self.dice >= 0:
-            raise BiounetError(
-                f"dice weight must be >= 0 (--dice; 0 = the paper's loss alone), not {self.dice}"
-            )
 
 
 def lr_factor(config: TrainConfig, step: int, elapsed_s: float) -> float:

@@ -1,4 +1,5 @@
-"""Mirror extrapolation of image windows, the paper's way of supplying missing border context.
+"""Windows of images: mirror extrapolation (the paper's way of supplying missing border
+context) and centred crops.
 
 A window may reach any distance beyond the image: indices are reflected about the first and
 last pixel (``numpy.pad(mode="reflect")`` semantics, edge pixel not repeated) and repeat with
@@ -58,3 +59,35 @@ def mirror_crop(image: np.ndarray, y0: int, x0: int, h: int, w: int) -> np.ndarr
     r0, c0 = int(rows.min()), int(cols.min())
     block = np.asarray(image[..., r0 : int(rows.max()) + 1, c0 : int(cols.max()) + 1])
     return np.take(np.take(block, rows - r0, axis=-2), cols - c0, axis=-1)
+
+
+def center_crop(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Central ``shape`` window of the last two axes, aligned with the tile convention.
+
+    Tile pixel ``(h // 2, w // 2)`` of the input lands on pixel ``(h_out // 2, w_out // 2)`` of
+    the crop, so cropping ``identity_coordinates(tile_shape, c)`` gives
+    ``identity_coordinates(shape, c)``. Use it to take the target window's coordinates from the
+    map sampled for the input tile.
+
+    The skip connections of the valid U-Net use it too: their size differences are even, so
+    this is the symmetric crop there.
+
+    Parameters
+    ----------
+    array : ndarray or torch.Tensor, shape (..., h, w)
+    shape : tuple of int
+        ``(h_out, w_out)``, each no larger than the input's.
+
+    Returns
+    -------
+    same type as `array`, shape (..., h_out, w_out), a view
+    """
+    h, w = array.shape[-2:]
+    h_out, w_out = (int(s) for s in shape)
+    if h_out < 1 or w_out < 1:
+        raise ValueError(f"crop shape must be positive, got {tuple(shape)}")
+    if h_out > h or w_out > w:
+        raise ValueError(f"crop {shape} is larger than the array's last axes {(h, w)}")
+    r0 = h // 2 - h_out // 2
+    c0 = w // 2 - w_out // 2
+    return array[..., r0 : r0 + h_out, c0 : c0 + w_out]

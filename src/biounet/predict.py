@@ -6,15 +6,15 @@ import glob
 import logging
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tifffile
 import torch
 
+from biounet.configs import PredictConfig
 from biounet.errors import BiounetError
-from biounet.inference import Engine, Tiling, softmax
+from biounet.inference import Engine, softmax
 from biounet.instances import (
     InstanceConfig,
     edge_band,
@@ -27,69 +27,16 @@ from biounet.modeldir import ModelInfo, load_model
 from biounet.normalize import normalize
 from biounet.plots import instance_overlay, overlay, to_uint8
 from biounet.precision import default_device, resolve_precision
-from biounet.tiling import DEFAULT_MEMORY_MB, TilePlan, plan_tiles
+from biounet.tiling import TilePlan, plan_for, plan_tiles
 
 log = logging.getLogger(__name__)
-OUTPUTS = ("mask", "prob", "instances")
-
-
-@dataclass(frozen=True)
-class PredictConfig:
-    """How to predict.
-
-    Parameters
-    ----------
-    tile, batch_size, halo, memory_mb
-        The tiling (`biounet.inference.Tiling`, which `tiling` returns).
-    precision : {"auto", "fp32", "bf16", "fp16"}
-    output : {"mask", "prob", "instances"}
-        "mask": uint8 class indices; "prob": float32 softmax, one plane per class;
-        "instances": uint16 labels 1..N (uint32 beyond 65535 objects), post-processed as the
-        model's config says (`instance_config`).
-    overlay : bool
-        Also write ``STEM_overlay.png``: the mask in colour (instances: their contours in
-        random colours) over the image.
-    tta : bool
-        Test-time augmentation: average the probabilities over the 8 rotations/flips of the
-        image (the paper averaged over rotated versions of the input). 8x the compute.
-    stream_pixels : int
-        TIFF inputs with more pixels than this, predicted as masks or instances (without
-        overlay or TTA), are read and written tile by tile (`predict_large`), so memory does
-        not grow with the image.
-    instance_margin : int
-        Context (px) read around each block when streamed instances are labelled block by
-        block: the widest clump of touching cells must fit in it (wider ones are logged).
-    """
-
-    tile: int | None = None
-    batch_size: int = 1
-    precision: str = "auto"
-    output: str = "mask"
-    overlay: bool = False
-    halo: int | None = None
-    tta: bool = False
-    stream_pixels: int = 16 * 2**20  # TIFF inputs larger than this stream tile by tile
-    memory_mb: float = DEFAULT_MEMORY_MB
-    instance_margin: int = 128
-
-    def __post_init__(self) -> None:
-        if self.output not in OUTPUTS:
-            raise BiounetError(f"output must be one of {OUTPUTS}, not {self.output!r}")
-        if self.batch_size < 1:
-            raise BiounetError("batch size must be >= 1")
-        if not self.memory_mb > 0:
-            raise BiounetError(f"memory budget must be > 0 MiB, not {self.memory_mb}")
-
-    @property
-    def tiling(self) -> Tiling:
-        return Tiling(self.tile, self.halo, self.batch_size, self.memory_mb)
 
 
 def tile_plan(
     info: ModelInfo, shape: tuple[int, int], config: PredictConfig, precision: str
 ) -> TilePlan:
     """The tiling of an image of `shape` for this model and configuration."""
-    return config.tiling.plan(info.net, shape, precision)
+    return plan_for(info.net, shape, config.tiling, precision)
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[Path]:

@@ -31,12 +31,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from biounet.configs import DEFAULT_MEMORY_MB, Tiling
 from biounet.errors import BiounetError
 from biounet.mirror import mirror_crop
 from biounet.model import UNet, UNetConfig
-from biounet.precision import autocast, memory_format
+from biounet.precision import autocast, bytes_per_value, memory_format
 
-DEFAULT_MEMORY_MB = 1024  # feature maps of one batch of tiles; torch and the model come on top
 # Allocator slack and oneDNN's reordered copies over the live feature maps counted by
 # `UNetConfig.peak_activations` (exact for the live tensors, tests/test_model.py); bench/memory.py
 # measures the whole process.
@@ -208,6 +208,21 @@ def plan_tiles(
             f"{smallest} (use --tile {smallest} or larger)"
         )
     return _plan(config, image_shape, tile, halo)
+
+
+def plan_for(
+    config: UNetConfig, image_shape: tuple[int, int], tiling: Tiling, precision: str
+) -> TilePlan:
+    """`plan_tiles` with a `Tiling`'s settings, at a resolved `precision`."""
+    return plan_tiles(
+        config,
+        image_shape,
+        tiling.tile,
+        tiling.halo,
+        memory_mb=tiling.memory_mb,
+        batch_size=tiling.batch_size,
+        bytes_per_value=bytes_per_value(precision),
+    )
 
 
 def _plan(
