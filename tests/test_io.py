@@ -7,12 +7,12 @@ from biounet.errors import BiounetError
 from biounet.io import (
     atomic_path,
     list_images,
-    mask_to_classes,
     pair_by_stem,
     read_image,
     read_mask,
     write_tiff,
 )
+from biounet.masks import mask_to_classes
 from biounet.normalize import NormalizeConfig, normalize
 
 

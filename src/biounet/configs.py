@@ -2,9 +2,9 @@
 
 Each belongs to one component, which re-exports it (`biounet.augment.AugmentConfig`,
 `biounet.data.DataConfig`, `biounet.loop.TrainConfig`, `biounet.inference.Tiling`,
-`biounet.predict.PredictConfig`); they live together here because the command line takes its
-defaults from them before anything heavy (torch, SciPy) is imported: this module imports
-nothing but the standard library.
+`biounet.predict.PredictConfig`, `biounet.evaluate.EvaluateConfig`). They live together here
+because the command line takes its defaults from them before anything heavy (torch, SciPy)
+is imported: this module imports nothing but the standard library.
 """
 
 from __future__ import annotations
@@ -161,6 +161,7 @@ class DataConfig:
 
 
 LR_SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ class TrainConfig:
     dice: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("sgd", "adam"):
+        if self.optimizer not in OPTIMIZERS:
             raise BiounetError(f"optimizer must be sgd or adam, not {self.optimizer!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise BiounetError(
@@ -239,10 +240,10 @@ class Tiling:
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or self.batch_size < 1:
-            raise BiounetError(f"batch size must be >= 1, not {self.batch_size}")
+            raise BiounetError(f"batch size must be >= 1 (batch_size), not {self.batch_size}")
         if not self.memory_mb > 0 or self.memory_mb == float("inf"):
             raise BiounetError(
-                f"memory budget must be a finite number of MiB > 0, not {self.memory_mb}"
+                f"memory budget must be > 0 MiB and finite (memory_mb), not {self.memory_mb}"
             )
 
 
@@ -272,6 +273,8 @@ class PredictConfig:
         TIFF inputs with more pixels than this, predicted as masks or instances (without
         overlay or TTA), are read and written tile by tile (`predict_large`), so memory does
         not grow with the image.
+    stream : bool
+        Stream every TIFF input, whatever its size (masks and instances only).
     instance_margin : int
         Context (px) read around each block when streamed instances are labelled block by
         block: the widest clump of touching cells must fit in it (wider ones are logged).
@@ -285,17 +288,59 @@ class PredictConfig:
     halo: int | None = None
     tta: bool = False
     stream_pixels: int = 16 * 2**20  # TIFF inputs larger than this stream tile by tile
+    stream: bool = False  # stream masks and instances of TIFFs of any size
     memory_mb: float = DEFAULT_MEMORY_MB
     instance_margin: int = 128
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUTS:
             raise BiounetError(f"output must be one of {OUTPUTS}, not {self.output!r}")
-        if self.batch_size < 1:
-            raise BiounetError("batch size must be >= 1")
-        if not self.memory_mb > 0:
-            raise BiounetError(f"memory budget must be > 0 MiB, not {self.memory_mb}")
+        Tiling(self.tile, self.halo, self.batch_size, self.memory_mb)  # its own checks
+        if self.stream and (self.output == "prob" or self.tta or self.overlay):
+            raise BiounetError(
+                "stream=True writes masks or instances only: drop output=prob, tta=True "
+                "and overlay=True, or drop stream=True"
+            )
+        if isinstance(self.instance_margin, bool) or self.instance_margin < 1:
+            raise BiounetError(f"instance_margin must be >= 1 px, not {self.instance_margin}")
 
     @property
     def tiling(self) -> Tiling:
         return Tiling(self.tile, self.halo, self.batch_size, self.memory_mb)
+
+
+# -- evaluation (biounet.evaluate) -----------------------------------------------------------
+
+TASKS = ("membranes", "semantic", "instances")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """What to score and how to read the files (see `biounet.evaluate`).
+
+    Attributes
+    ----------
+    task : {"membranes", "semantic", "instances"}
+    num_classes : int, optional
+        semantic: number of classes K; default max label + 1 over truth and predictions.
+    truth_foreground : int, optional
+        membranes: the stored truth value that means membrane; default 0 (ISBI 2012: 0 =
+        membrane, 255 = cell). semantic: the stored value of class 1 in a binary truth;
+        default the larger value. Unused for instances.
+    membrane_class : int
+        membranes: class index (mask) or probability plane (probabilities) of membrane in
+        the predictions; biounet predicts 0 = interior, 1 = membrane.
+    """
+
+    task: str
+    num_classes: int | None = None
+    truth_foreground: int | None = None
+    membrane_class: int = 1
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise BiounetError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise BiounetError(f"number of classes must be at least 1, not {self.num_classes}")
+        if self.membrane_class < 0:
+            raise BiounetError(f"membrane class must be >= 0, not {self.membrane_class}")

@@ -23,7 +23,8 @@ import torch
 from biounet.augment import AugmentConfig, adjust_gray, center_crop, sample_coordinates, warp
 from biounet.configs import DataConfig
 from biounet.errors import BiounetError
-from biounet.io import mask_to_classes, read_image, read_mask
+from biounet.io import read_image, read_mask
+from biounet.masks import mask_to_classes
 from biounet.mirror import mirror_crop
 from biounet.model import UNetConfig
 from biounet.normalize import NormalizeConfig, normalize

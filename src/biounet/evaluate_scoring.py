@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from biounet import metrics
+from biounet.configs import TASKS, EvaluateConfig
 from biounet.errors import BiounetError
 
 __all__ = ["MEMBRANE_KEYS", "TASKS", "EvaluateConfig"]
@@ -23,7 +24,6 @@ __all__ = ["MEMBRANE_KEYS", "TASKS", "EvaluateConfig"]
 # Messages keep the logger of the public module, which users and the CLI know by name.
 log = logging.getLogger("biounet.evaluate")
 
-TASKS = ("membranes", "semantic", "instances")
 
 #: Per-image scores of the membranes task, in table order.
 MEMBRANE_KEYS = (
@@ -38,38 +38,6 @@ MEMBRANE_KEYS = (
     "v_info_merge",
     "warping_error",
 )
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """What to score and how to read the files (see `biounet.evaluate`).
-
-    Attributes
-    ----------
-    task : {"membranes", "semantic", "instances"}
-    num_classes : int, optional
-        semantic: number of classes K; default max label + 1 over truth and predictions.
-    truth_foreground : int, optional
-        membranes: the stored truth value that means membrane; default 0 (ISBI 2012: 0 =
-        membrane, 255 = cell). semantic: the stored value of class 1 in a binary truth;
-        default the larger value. Unused for instances.
-    membrane_class : int
-        membranes: class index (mask) or probability plane (probabilities) of membrane in
-        the predictions; biounet predicts 0 = interior, 1 = membrane.
-    """
-
-    task: str
-    num_classes: int | None = None
-    truth_foreground: int | None = None
-    membrane_class: int = 1
-
-    def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise BiounetError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
-        if self.num_classes is not None and self.num_classes < 1:
-            raise BiounetError(f"number of classes must be at least 1, not {self.num_classes}")
-        if self.membrane_class < 0:
-            raise BiounetError(f"membrane class must be >= 0, not {self.membrane_class}")
 
 
 @dataclass(frozen=True)

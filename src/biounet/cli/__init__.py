@@ -1,0 +1,56 @@
+"""Command line: one parser builder per command, defaults from the configs, errors as one line.
+
+A `BiounetError` becomes one line on stderr and exit code 2; nothing else is caught. Building
+the parser imports no torch, so ``--help``, ``--version`` and argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from biounet import __version__
+from biounet.cli import models, predict, tools, train
+from biounet.errors import BiounetError
+
+log = logging.getLogger("biounet")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except BiounetError as exc:
+        print(f"biounet: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("biounet: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="biounet",
+        description="The U-Net of Ronneberger et al. (2015): train, predict, inspect.",
+    )
+    p.add_argument("--version", action="version", version=f"biounet {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress display and no summary lines"
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    models.add_init(sub)
+    models.add_info(sub)
+    train.add_parser(sub)
+    tools.add_evaluate(sub)
+    tools.add_weights(sub)
+    tools.add_augment(sub)
+    predict.add_parser(sub)
+    return p

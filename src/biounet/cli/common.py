@@ -1,0 +1,173 @@
+"""What every command shares: data-path lookup, model names, flags from config defaults,
+config messages worded as flags, progress on a terminal or in a log.
+
+No torch here: ``--help``, ``--version`` and argument errors answer before it is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import os
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+DATA_ENV = "BIOUNET_DATA"
+
+
+def default(config: type, name: str):
+    """The default of a config dataclass's field: the one source of the CLI's defaults."""
+    for f in dataclasses.fields(config):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            return f.default_factory()  # type: ignore[misc]
+    raise KeyError(name)
+
+
+def data_path(path: Path | None) -> Path | None:
+    """A relative path that does not exist here is looked up under $BIOUNET_DATA."""
+    if path is None or path.is_absolute() or path.exists():
+        return path
+    root = os.environ.get(DATA_ENV)
+    if root and (Path(root) / path).exists():
+        return Path(root) / path
+    return path
+
+
+def data_input(item: str) -> str:
+    """A file, folder or glob pattern, looked up under $BIOUNET_DATA where it finds nothing."""
+    root = os.environ.get(DATA_ENV)
+    if not glob.has_magic(item):
+        return str(data_path(Path(item)))
+    if root and not Path(item).is_absolute() and not glob.glob(item):
+        there = str(Path(root) / item)
+        if glob.glob(there):
+            return there
+    return item
+
+
+def model_path(source: Path) -> Path:
+    """A model directory: a path that exists, else a shipped model's name, else a model
+    directory under $BIOUNET_DATA (where a data folder may carry a shipped model's name)."""
+    from biounet.io import is_model_dir
+    from biounet.modeldir import resolve_model, shipped_model_dirs
+
+    found = data_path(source)
+    if not source.exists() and str(source) not in shipped_model_dirs() and is_model_dir(found):
+        return found
+    return resolve_model(source)
+
+
+def as_flags(message: str, options: dict[str, str] | None = None) -> str:
+    """A config's message worded with the flags that set its fields.
+
+    `options` maps field names to option names (default: the training options; a flag is
+    an option's name with dashes). ``name=True`` becomes ``--name``, ``name=value``
+    ``--name value``; names with an underscore are replaced wherever they stand
+    (``max_minutes`` -> ``--max-minutes``, ``border_w0`` -> ``--w0``), a one-word name only
+    where it opens the message as its subject ("steps must be >= 1" -> "--steps must ...").
+    """
+    from biounet.options import TRAIN_OPTIONS, flag
+
+    if options is None:
+        options = {fld: option for option, (_, fld) in TRAIN_OPTIONS.items()}
+        options.update({option: option for option in TRAIN_OPTIONS})
+    names = "|".join(sorted(options, key=len, reverse=True))
+    message = re.sub(rf"(?<![\w/.-])({names})=True\b", lambda m: flag(options[m[1]]), message)
+    message = re.sub(
+        rf"(?<![\w/.-])({names})=(\S+)", lambda m: f"{flag(options[m[1]])} {m[2]}", message
+    )
+    joined = [n for n in sorted(options, key=len, reverse=True) if "_" in n]
+    if joined:
+        message = re.sub(
+            r"(?<![\w/.-])(" + "|".join(joined) + r")(?![\w/-])",
+            lambda m: flag(options[m[1]]),
+            message,
+        )
+    first = message.split(" ", 1)[0]
+    if first in options and message.startswith(f"{first} must"):
+        message = flag(options[first]) + message[len(first) :]
+    return message
+
+
+def command_line(args: argparse.Namespace) -> str:
+    return "biounet " + " ".join(shlex.quote(a) for a in args.argv)
+
+
+def add_device_flag(q: argparse.ArgumentParser) -> None:
+    q.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),  # biounet.precision.DEVICES, without importing torch
+        help="auto (default): the GPU where torch sees one, else the CPU",
+    )
+
+
+def add_precision_flag(q: argparse.ArgumentParser) -> None:
+    q.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),  # biounet.precision.PRECISIONS
+        help="auto (default): bf16 where the CPU or GPU has fast bf16, else fp32",
+    )
+
+
+class Progress:
+    """Progress of a run: a tqdm bar on a terminal, a line every `every_s` seconds in a log
+    (off a terminal), nothing with ``--quiet``."""
+
+    def __init__(self, args: argparse.Namespace, unit: str, every_s: float = 30.0) -> None:
+        self.quiet = getattr(args, "quiet", False)
+        self.tty = sys.stderr.isatty()
+        self.unit, self.every_s = unit, every_s
+        self.t0 = self.last = time.monotonic()
+        self.bar = None
+        if self.tty and not self.quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(unit=unit, dynamic_ncols=True, leave=False)
+
+    def update(self, fraction: float, text: str, force: bool = False) -> None:
+        """`fraction` of the run done (0..1), with `text` (what is being done)."""
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.total = 1000
+            self.bar.n = int(1000 * min(max(fraction, 0.0), 1.0))
+            self.bar.set_description_str(text, refresh=False)
+            self.bar.refresh()
+            return
+        now = time.monotonic()
+        if force or now - self.last >= self.every_s:
+            self.last = now
+            elapsed = now - self.t0
+            eta = elapsed * (1 - fraction) / fraction if fraction > 0 else float("nan")
+            print(
+                f"biounet: {text} ({100 * fraction:.0f} %, {_duration(elapsed)} so far, "
+                f"ETA {_duration(eta)})",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:  # NaN: nothing done yet
+        return "?"
+    minutes, s = divmod(int(round(seconds)), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}:{m:02d}:{s:02d}" if hours else f"{m}:{s:02d}"
+
+
+def say(args: argparse.Namespace, line: str) -> None:
+    """A summary line on standard output, unless --quiet."""
+    if not getattr(args, "quiet", False):
+        print(line)

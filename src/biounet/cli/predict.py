@@ -1,0 +1,128 @@
+"""`biounet predict`: files in, masks, probabilities or instance labels out."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from biounet.cli.common import (
+    Progress,
+    add_device_flag,
+    add_precision_flag,
+    as_flags,
+    data_input,
+    default,
+    model_path,
+    say,
+)
+from biounet.configs import OUTPUTS, PredictConfig
+from biounet.errors import BiounetError
+
+# PredictConfig's fields -> their flags' names
+PREDICT_OPTIONS = {
+    name: name for name in ("tile", "batch_size", "memory_mb", "output", "overlay", "stream", "tta")
+} | {"instance_margin": "instance_margin"}
+
+
+def add_parser(sub) -> None:
+    def d(name: str):
+        return default(PredictConfig, name)
+
+    q = sub.add_parser("predict", help="segment images with a model")
+    q.add_argument("model_dir", type=Path, help="a model directory, or a shipped model's name")
+    q.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    q.add_argument("--out", type=Path, required=True, help="output folder")
+    q.add_argument(
+        "--tile",
+        type=int,
+        help="output tile side, snapped down to a valid size (default: the tile with the least "
+        "computation per image that fits --memory-mb)",
+    )
+    q.add_argument("--batch-size", type=int, default=d("batch_size"), help="tiles per forward pass")
+    q.add_argument(
+        "--memory-mb",
+        type=float,
+        default=d("memory_mb"),
+        help="MiB of feature maps per batch of tiles for the automatic tile size (default "
+        "%(default)s; torch and the model take ~0.3-0.5 GB more)",
+    )
+    q.add_argument(
+        "--output",
+        choices=OUTPUTS,
+        default=d("output"),
+        help="mask: uint8 class TIFF; prob: float32 TIFF, one plane per class; instances: "
+        "uint16 labels 1..N (touching cells separated as the model config says)",
+    )
+    q.add_argument("--overlay", action="store_true", help="also write STEM_overlay.png")
+    q.add_argument(
+        "--stream",
+        action="store_true",
+        help="read and write TIFF masks or instances tile by tile whatever their size "
+        "(automatic above 16 megapixels): memory stays flat for images of any size; instances "
+        "need 4 x (classes + 1) bytes per pixel of temporary disk in the output folder",
+    )
+    q.add_argument(
+        "--instance-margin",
+        type=int,
+        default=d("instance_margin"),
+        help="px of context around each 1024 px block when streaming instances: must exceed "
+        "the widest clump of touching cells (default %(default)s)",
+    )
+    q.add_argument(
+        "--tta",
+        action="store_true",
+        help="average over the 8 rotations/flips of each image (8x slower, smoother borders)",
+    )
+    add_precision_flag(q)
+    add_device_flag(q)
+    q.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from biounet.precision import parse_device
+    from biounet.predict import predict_files
+
+    try:
+        config = PredictConfig(
+            tile=args.tile,
+            batch_size=args.batch_size,
+            precision=args.precision,
+            output=args.output,
+            overlay=args.overlay,
+            tta=args.tta,
+            memory_mb=args.memory_mb,
+            instance_margin=args.instance_margin,
+            stream=args.stream,
+        )
+    except BiounetError as exc:
+        raise BiounetError(as_flags(str(exc), PREDICT_OPTIONS)) from None
+    progress = Progress(args, "file")
+    state = {"file": 0, "files": 1, "name": "", "t0": time.monotonic()}
+
+    def on_file(path: Path, i: int, n: int) -> None:
+        state.update(file=i, files=n, name=path.name)
+        progress.update(i / n, f"{i + 1}/{n} {path.name}", force=True)
+
+    def on_tiles(done: int, total: int) -> None:
+        # Files done plus the share of the current one: the ETA covers the whole run.
+        fraction = (state["file"] + done / max(total, 1)) / state["files"]
+        progress.update(
+            fraction, f"{state['file'] + 1}/{state['files']} {state['name']} tile {done}/{total}"
+        )
+
+    try:
+        written = predict_files(
+            model_path(args.model_dir),
+            [data_input(i) for i in args.inputs],
+            args.out,
+            config,
+            device=parse_device(args.device),
+            on_file=on_file,
+            progress=on_tiles,
+        )
+    finally:
+        progress.close()
+    n_images = sum(1 for w in written if w.suffix == ".tif")
+    say(args, f"wrote {n_images} {args.output} file(s) to {args.out}")
+    return 0
