@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from biounet import weightmap
 from biounet.augment import AugmentConfig, adjust_gray, center_crop, sample_coordinates, warp
 from biounet.configs import DataConfig
 from biounet.errors import BiounetError
@@ -29,9 +30,7 @@ from biounet.mirror import mirror_crop
 from biounet.model import UNetConfig
 from biounet.normalize import NormalizeConfig, normalize
 from biounet.weightmap import (
-    border_weights,
     carve_borders,
-    class_balance_weights,
     instances_from_binary,
     touching_borders,
 )
@@ -161,14 +160,15 @@ def targets(
 def weight_map(
     classes: np.ndarray, cells: np.ndarray, num_classes: int, config: DataConfig
 ) -> np.ndarray:
-    """w(x) = w_c(x) + w0 exp(-(d1 + d2)^2 / (2 sigma^2)) of the paper, float32 (H, W)."""
-    if config.class_balance:
-        weights = class_balance_weights(classes, num_classes)
-    else:
-        weights = np.ones(classes.shape, np.float32)
-    if config.border_w0 > 0:
-        weights = weights + border_weights(cells, config.border_w0, config.border_sigma)
-    return weights.astype(np.float32)
+    """The paper's weight map (`biounet.weightmap.weight_map`) as `config` sets it up."""
+    return weightmap.weight_map(
+        classes,
+        cells,
+        num_classes,
+        config.border_w0,
+        config.border_sigma,
+        class_balance=config.class_balance,
+    )
 
 
 def split_validation(pairs: list, fraction: float) -> tuple[list, list]:

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,13 +117,7 @@ def evaluate_pair(
     return _evaluate(np.asarray(pred_array), np.asarray(truth_array), config, None, _NAMES)
 
 
-def evaluate_folders(
-    pred: Path,
-    truth: Path,
-    config: EvaluateConfig,
-    *,
-    on_file: Callable[[Path, int, int], None] | None = None,
-) -> dict[str, Any]:
+def evaluate_folders(pred: Path, truth: Path, config: EvaluateConfig) -> dict[str, Any]:
     """Score every prediction in `pred` against the truth file of the same stem in `truth`.
 
     Parameters
@@ -132,8 +125,6 @@ def evaluate_folders(
     pred, truth : Path
         Two folders (matched by file stem, see `pair_predictions`) or two single files.
     config : EvaluateConfig
-    on_file : callable, optional
-        Called as ``on_file(pred_path, index, total)`` before each pair is scored.
 
     Returns
     -------
@@ -145,9 +136,7 @@ def evaluate_folders(
     plan = _semantic_plan_files(pairs, config) if config.task == "semantic" else None
     resolved = _resolved_config(config, plan)
     images: dict[str, dict[str, Any]] = {}
-    for i, (stem, p, t) in enumerate(pairs):
-        if on_file is not None:
-            on_file(p, i, len(pairs))
+    for stem, p, t in pairs:
         truth_arr = read_mask(t)
         pred_arr = _read_prediction(p)
         images[stem] = _evaluate(pred_arr, truth_arr, resolved, plan, (str(p), str(t)))

@@ -137,13 +137,14 @@ def load_info(folder: Path) -> ModelInfo:
     return ModelInfo.from_dict(read_model_config(folder), folder / CONFIG_NAME)
 
 
-def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[UNet, ModelInfo]:
-    """Build the network from ``config.json`` and load ``weights.safetensors`` into it."""
+def load_model(folder: Path) -> tuple[UNet, ModelInfo]:
+    """Build the network from ``config.json`` and load ``weights.safetensors`` into it (on the
+    CPU; `biounet.inference.Engine` moves it where it runs)."""
     folder = Path(folder)
     info = load_info(folder)
     model = UNet(info.net)
     load_weights(model, folder / WEIGHTS_NAME)
-    return model.to(device), info
+    return model, info
 
 
 def load_weights(model: UNet, path: Path) -> None:

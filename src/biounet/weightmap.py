@@ -179,6 +179,7 @@ def weight_map(
     w0: float = 10.0,
     sigma: float = 5.0,
     where: np.ndarray | None = None,
+    class_balance: bool = True,
 ) -> np.ndarray:
     """The full weight map of eq. 2: `class_balance_weights` plus `border_weights`.
 
@@ -190,9 +191,11 @@ def weight_map(
         Object id per pixel, 0 for background.
     num_classes : int
     w0, sigma : float
-        Border-term peak and width (paper: 10 and 5 px).
+        Border-term peak and width (paper: 10 and 5 px); ``w0 = 0`` leaves the term out.
     where : ndarray of bool, shape (H, W), optional
         Pixels that receive the border term; default ``instances == 0``.
+    class_balance : bool
+        False: w_c = 1 everywhere (no class-frequency balance).
 
     Returns
     -------
@@ -203,10 +206,14 @@ def weight_map(
     instances = _as_int_image(instances, "instances")
     if classes.shape != instances.shape:
         raise ValueError(f"classes {classes.shape} and instances {instances.shape} differ")
-    weights = class_balance_weights(classes, num_classes)
-    weights += border_weights(instances, w0, sigma, where)
+    if class_balance:
+        weights = class_balance_weights(classes, num_classes)
+    else:
+        weights = np.ones(classes.shape, np.float32)
+    if w0 > 0:
+        weights += border_weights(instances, w0, sigma, where)
     weights[classes < 0] = 0.0
-    return weights
+    return weights.astype(np.float32, copy=False)
 
 
 def instances_from_binary(mask: np.ndarray, connectivity: int = 1) -> np.ndarray:

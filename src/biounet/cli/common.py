@@ -121,23 +121,25 @@ class Progress:
     """Progress of a run: a tqdm bar on a terminal, a line every `every_s` seconds in a log
     (off a terminal), nothing with ``--quiet``."""
 
-    def __init__(self, args: argparse.Namespace, unit: str, every_s: float = 30.0) -> None:
+    def __init__(self, args: argparse.Namespace, every_s: float = 30.0) -> None:
         self.quiet = getattr(args, "quiet", False)
         self.tty = sys.stderr.isatty()
-        self.unit, self.every_s = unit, every_s
+        self.every_s = every_s
         self.t0 = self.last = time.monotonic()
         self.bar = None
         if self.tty and not self.quiet:
             from tqdm import tqdm
 
-            self.bar = tqdm(unit=unit, dynamic_ncols=True, leave=False)
+            # Counted in thousandths of the run, shown as a percentage: the description says
+            # which step or file; the ETA covers whichever limit ends the run first.
+            fmt = "{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}"
+            self.bar = tqdm(total=1000, bar_format=fmt, dynamic_ncols=True, leave=False)
 
     def update(self, fraction: float, text: str, force: bool = False) -> None:
         """`fraction` of the run done (0..1), with `text` (what is being done)."""
         if self.quiet:
             return
         if self.bar is not None:
-            self.bar.total = 1000
             self.bar.n = int(1000 * min(max(fraction, 0.0), 1.0))
             self.bar.set_description_str(text, refresh=False)
             self.bar.refresh()

@@ -97,7 +97,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         )
     except BiounetError as exc:
         raise BiounetError(as_flags(str(exc), PREDICT_OPTIONS)) from None
-    progress = Progress(args, "file")
+    progress = Progress(args)
     state = {"file": 0, "files": 1, "name": "", "t0": time.monotonic()}
 
     def on_file(path: Path, i: int, n: int) -> None:

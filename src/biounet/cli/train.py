@@ -157,7 +157,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         info, config, data, _ = configs_from_options(options, in_channels)
     except BiounetError as exc:
         raise BiounetError(as_flags(str(exc))) from None
-    progress = Progress(args, "step")
+    progress = Progress(args)
     t0 = time.monotonic()
 
     def on_step(s) -> None:
