@@ -204,3 +204,20 @@ def test_train_starts_from_a_model(tmp_path):
     assert not np.array_equal(
         second.predict(images[0], output="prob"), first.predict(images[0], output="prob")
     )
+
+
+def test_the_wheel_carries_the_shipped_models(tmp_path):
+    """An installed wheel finds the models by name: they travel as its data files."""
+    import zipfile
+
+    root = README.parent
+    if not (root / "models" / "isbi2012" / "weights.safetensors").is_file():
+        pytest.skip("no shipped models in this checkout")
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*cmd, "-w", str(tmp_path), str(root)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("biounet-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for model in ("isbi2012", "bbbc039"):
+        for name in ("config.json", "weights.safetensors", "README.md"):
+            data = f"biounet-{biounet.__version__}.data/data/share/biounet/models/{model}/{name}"
+            assert data in names, data
