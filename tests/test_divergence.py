@@ -124,7 +124,7 @@ def test_a_persistent_non_finite_loss_skips_the_update_and_is_counted(
 
 def test_ten_skipped_updates_in_a_row_stop_training(touching, tmp_path, monkeypatch):
     _poisoned_loss(monkeypatch, lambda n: n > 2)  # every try from step 3 on
-    with pytest.raises(TrainingDiverged, match=r"10 steps in a row \(up to step 12\).*--lr"):
+    with pytest.raises(TrainingDiverged, match=r"10 steps in a row \(up to step 12\).*`lr`"):
         _run(touching, tmp_path / "m", steps=40, checkpoint_every=2, val_every=2)
     model, _ = load_model(tmp_path / "m")
     assert all(torch.isfinite(p).all() for p in model.state_dict().values())
@@ -184,6 +184,7 @@ def test_a_diverging_cli_training_exits_2_and_saves_no_weights(touching, tmp_pat
     assert main([str(a) for a in argv]) == 2
     err = capsys.readouterr().err
     assert "training diverged" in err and "Traceback" not in err
+    assert "(--lr, now 1e+30)" in err and "--batch-norm" in err  # worded as flags
     assert not (out / "weights.safetensors").exists()
     assert not (out / "checkpoints").exists()
 

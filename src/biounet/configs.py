@@ -209,7 +209,7 @@ class TrainConfig:
             raise BiounetError("learning rate must be > 0")
         if not self.dice >= 0:
             raise BiounetError(
-                f"dice weight must be >= 0 (--dice; 0 = the paper's loss alone), not {self.dice}"
+                f"dice weight must be >= 0 (`dice` 0: the paper's loss alone), not {self.dice}"
             )
 
 
@@ -240,10 +240,10 @@ class Tiling:
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or self.batch_size < 1:
-            raise BiounetError(f"batch size must be >= 1 (batch_size), not {self.batch_size}")
+            raise BiounetError(f"batch size must be >= 1 (`batch_size`), not {self.batch_size}")
         if not self.memory_mb > 0 or self.memory_mb == float("inf"):
             raise BiounetError(
-                f"memory budget must be > 0 MiB and finite (memory_mb), not {self.memory_mb}"
+                f"memory budget must be > 0 MiB and finite (`memory_mb`), not {self.memory_mb}"
             )
 
 

@@ -195,8 +195,8 @@ def fit(
                     raise TrainingDiverged(
                         f"training diverged: the loss or gradient was not finite at "
                         f"{state.skipped_in_a_row} steps in a row (up to step {step}); lower "
-                        f"the learning rate (--lr, now {config.lr:g}) or the border weight "
-                        "(--w0), or add --batch-norm"
+                        f"the learning rate (`lr`, now {config.lr:g}) or the border weight "
+                        "(`w0`), or set `batch_norm`"
                     )
             else:
                 state.skipped_in_a_row = 0

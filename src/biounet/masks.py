@@ -53,7 +53,7 @@ def mask_to_classes(
         if len(values) > 2:
             raise BiounetError(
                 f"{path}: a binary mask has at most two values, found {len(values)} "
-                f"({_preview(values)}); use --mask-type instances or classes"
+                f"({_preview(values)}); use `mask_type` instances or classes"
             )
         if foreground is None:
             fg = values.max() if len(values) == 2 or values.max() != 0 else None
@@ -67,7 +67,7 @@ def mask_to_classes(
         if num_classes not in (2, 3):
             raise BiounetError(
                 f"{path}: instance masks train 2-class models (background, cell) or 3-class "
-                f"ones (with --touching class); the model has {num_classes} classes"
+                f"ones (with `touching` class); the model has {num_classes} classes"
             )
         if values.min() < 0:
             raise BiounetError(f"{path}: instance labels must be >= 0")

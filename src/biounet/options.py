@@ -52,6 +52,20 @@ TRAIN_OPTIONS: dict[str, tuple[str, str]] = {
 }
 
 
+# `biounet predict` / `PredictConfig` and the runs' own arguments: name -> option
+OTHER_OPTIONS = (
+    "output", "overlay", "stream", "tta", "memory_mb", "instance_margin",
+    "out", "init", "resume", "val_images", "val_masks",
+)  # fmt: skip
+
+
+def all_option_names() -> dict[str, str]:
+    """Every option, and every config field an option sets, -> the option's name."""
+    names = {fld: option for option, (_, fld) in TRAIN_OPTIONS.items()}
+    names.update({option: option for option in (*TRAIN_OPTIONS, *OTHER_OPTIONS)})
+    return names
+
+
 def split_options(options: dict, known: dict[str, tuple[str, str]] = TRAIN_OPTIONS) -> dict:
     """``{component: {field: value}}`` from options; an unknown one is refused.
 

@@ -29,7 +29,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise BiounetError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
-            raise BiounetError("fp16 is for CUDA devices; use --precision bf16 or fp32 on CPU")
+            raise BiounetError("fp16 is for CUDA devices; use `precision` bf16 or fp32 on CPU")
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

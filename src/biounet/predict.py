@@ -60,7 +60,7 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
         if f.stem in stems and stems[f.stem] != f:
             raise BiounetError(
                 f"{f}: has the same name stem as {stems[f.stem]}; outputs would overwrite each "
-                "other, so predict them into different --out folders"
+                "other, so predict them into different `out` folders"
             )
         stems[f.stem] = f
     return files
@@ -145,7 +145,7 @@ def predict_large(
         if config.instance_margin <= need:
             raise BiounetError(
                 f"{path}: instance margin {config.instance_margin} px must exceed {need} px for "
-                f"this model's post-processing; use --instance-margin {need + 1} or more"
+                f"this model's post-processing; use `instance_margin` {need + 1} or more"
             )
     engine = model if isinstance(model, Engine) else Engine(model, device, config.precision)
     with LazyImage(path) as src:
@@ -162,7 +162,7 @@ def predict_large(
         ty, tx = plan.y.stride // 16 * 16, plan.x.stride // 16 * 16
         if min(ty, tx) < 16:
             raise BiounetError(
-                "streaming needs output tiles of at least 16 px; use a larger --tile"
+                "streaming needs output tiles of at least 16 px; use a larger `tile`"
             )
         rows, cols = range(0, height, ty), range(0, width, tx)
         total = len(rows) * len(cols)
@@ -292,7 +292,7 @@ def predict_files(
         if (Path(out_dir) / f"{f.stem}.tif").resolve() in inputs_resolved:
             raise BiounetError(
                 f"{f}: its output {Path(out_dir) / (f.stem + '.tif')} would overwrite an input; "
-                "choose another --out folder"
+                "choose another `out` folder"
             )
         if not _streams(f, config):
             read_image(f, info.net.in_channels)

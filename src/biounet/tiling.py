@@ -205,7 +205,7 @@ def plan_tiles(
     if tile < smallest:
         raise BiounetError(
             f"tile size {tile} is too small for this model; the smallest valid tile is "
-            f"{smallest} (use --tile {smallest} or larger)"
+            f"{smallest} (use `tile` {smallest} or larger)"
         )
     return _plan(config, image_shape, tile, halo)
 

@@ -111,7 +111,7 @@ def folder_examples(
     pairs = pair_by_stem(list_images(Path(images)), Path(masks))
     if val_images is not None:
         if val_masks is None:
-            raise BiounetError(f"{val_images}: validation images need --val-masks too")
+            raise BiounetError(f"{val_images}: validation images need `val_masks` too")
         val_pairs = pair_by_stem(list_images(Path(val_images)), Path(val_masks))
         train_pairs = pairs
     else:

@@ -12,6 +12,7 @@ import sys
 
 from biounet import __version__
 from biounet.cli import models, predict, tools, train
+from biounet.cli.common import as_flags
 from biounet.errors import BiounetError
 
 log = logging.getLogger("biounet")
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except BiounetError as exc:
-        print(f"biounet: error: {exc}", file=sys.stderr)
+        print(f"biounet: error: {as_flags(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("biounet: interrupted", file=sys.stderr)

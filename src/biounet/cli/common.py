@@ -63,32 +63,25 @@ def model_path(source: Path) -> Path:
     return resolve_model(source)
 
 
-def as_flags(message: str, options: dict[str, str] | None = None) -> str:
-    """A config's message worded with the flags that set its fields.
+def as_flags(message: str) -> str:
+    """A library message worded with the flags of the options it names.
 
-    `options` maps field names to option names (default: the training options; a flag is
-    an option's name with dashes). ``name=True`` becomes ``--name``, ``name=value``
-    ``--name value``; names with an underscore are replaced wherever they stand
-    (``max_minutes`` -> ``--max-minutes``, ``border_w0`` -> ``--w0``), a one-word name only
-    where it opens the message as its subject ("steps must be >= 1" -> "--steps must ...").
+    Library messages name options as Python keywords: ```name``` -> ``--name``,
+    ``name=True`` -> ``--name``, ``name=value`` -> ``--name value``; config fields set by an
+    option become the option's flag (``border_w0`` -> ``--w0``), and a name that opens the
+    message as its subject does too ("max_minutes must be > 0" -> "--max-minutes must ...").
+    Anything else (keys of a config.json, file names) is left as it is.
     """
-    from biounet.options import TRAIN_OPTIONS, flag
+    from biounet.options import all_option_names, flag
 
-    if options is None:
-        options = {fld: option for option, (_, fld) in TRAIN_OPTIONS.items()}
-        options.update({option: option for option in TRAIN_OPTIONS})
+    options = all_option_names()
     names = "|".join(sorted(options, key=len, reverse=True))
-    message = re.sub(rf"(?<![\w/.-])({names})=True\b", lambda m: flag(options[m[1]]), message)
+    lone = r"(?<![\w/.`-])"  # not inside a path or another word
+    message = re.sub(rf"`({names})`", lambda m: flag(options[m[1]]), message)
+    message = re.sub(rf"{lone}({names})=True\b", lambda m: flag(options[m[1]]), message)
     message = re.sub(
-        rf"(?<![\w/.-])({names})=(\S+)", lambda m: f"{flag(options[m[1]])} {m[2]}", message
+        rf"{lone}({names})=([^\s,;)]+)", lambda m: f"{flag(options[m[1]])} {m[2]}", message
     )
-    joined = [n for n in sorted(options, key=len, reverse=True) if "_" in n]
-    if joined:
-        message = re.sub(
-            r"(?<![\w/.-])(" + "|".join(joined) + r")(?![\w/-])",
-            lambda m: flag(options[m[1]]),
-            message,
-        )
     first = message.split(" ", 1)[0]
     if first in options and message.startswith(f"{first} must"):
         message = flag(options[first]) + message[len(first) :]

@@ -19,11 +19,6 @@ from biounet.cli.common import (
 from biounet.configs import OUTPUTS, PredictConfig
 from biounet.errors import BiounetError
 
-# PredictConfig's fields -> their flags' names
-PREDICT_OPTIONS = {
-    name: name for name in ("tile", "batch_size", "memory_mb", "output", "overlay", "stream", "tta")
-} | {"instance_margin": "instance_margin"}
-
 
 def add_parser(sub) -> None:
     def d(name: str):
@@ -96,7 +91,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             stream=args.stream,
         )
     except BiounetError as exc:
-        raise BiounetError(as_flags(str(exc), PREDICT_OPTIONS)) from None
+        raise BiounetError(as_flags(str(exc))) from None
     progress = Progress(args)
     state = {"file": 0, "files": 1, "name": "", "t0": time.monotonic()}
 
