@@ -24,7 +24,7 @@ _LAZY = {
     "load": "biounet.api",
     "models": "biounet.api",
     "Model": "biounet.api",
-    "train": "biounet.api",
+    "train": "biounet.train_api",
     "UNet": "biounet.model",
     "UNetConfig": "biounet.model",
 }

@@ -28,6 +28,7 @@ from biounet.data import (
 from biounet.errors import BiounetError
 from biounet.inference import Engine
 from biounet.losses import segmentation_loss
+from biounet.metrics import dice_from_counts
 from biounet.model import UNet
 from biounet.modeldir import ModelInfo
 from biounet.precision import autocast, memory_format, resolve_precision
@@ -138,74 +139,34 @@ def fit(
     """
     device = device or torch.device("cpu")
     precision = resolve_precision(config.precision, device)
-    fmt = memory_format(precision)
     log.info("training on %s in %s", device, precision)
-    model.to(device).to(memory_format=fmt)
+    model.to(device).to(memory_format=memory_format(precision))
     optimizer = make_optimizer(model, config)
-    state = TrainState()
     recorder.bind(info)
-    if resume:
-        state = TrainState(**recorder.restore(model, optimizer))
-        log.info("resumed from step %d", state.step)
-    else:
+    state = TrainState(**recorder.restore(model, optimizer)) if resume else TrainState()
+    if not resume:
         recorder.on_start()
-    has_val = bool(val_samples)
-
-    def checkpoint() -> None:
-        recorder.on_checkpoint(model, optimizer, state, config, has_val)
-
-    geometry = tile_geometry(info.net, config.tile)
-    dataset = TileDataset(
-        train_samples, geometry, config.seed, config.steps * config.batch_size, augment
-    )
-    batches = [
-        list(range(s * config.batch_size, (s + 1) * config.batch_size))
-        for s in range(state.step, config.steps)
-    ]
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=batches,
-        num_workers=config.num_workers,
-        persistent_workers=False,
-    )
+    loader = _loader(train_samples, info, config, augment, state.step)
     # fp16 gradients underflow without loss scaling; a disabled scaler is a no-op otherwise.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    meter = _Meter(state.elapsed_s)
     model.train()
-    running: list[float] = []
-    tiles_seen, t_window = 0, time.perf_counter()
-    t_start = time.perf_counter() - state.elapsed_s
-    step = state.step
-    try:
-        for image, target, weight in loader:
-            t_step = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * lr_factor(config, step, t_step - t_start)
-            step += 1
-            image = image.to(device).to(memory_format=fmt)
-            target, weight = target.to(device), weight.to(device)
-            loss = _guarded_step(
-                model, optimizer, scaler, (image, target, weight), config, precision, device, step
-            )
-            state.step = step  # weights and optimizer now belong to `step` (for Ctrl-C saves)
-            if loss is None:
-                state.skipped += 1
-                state.skipped_in_a_row += 1
-                log.warning("step %d: non-finite loss or gradient; update skipped", step)
-                if state.skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
-                    raise TrainingDiverged(
-                        f"training diverged: the loss or gradient was not finite at "
-                        f"{state.skipped_in_a_row} steps in a row (up to step {step}); lower "
-                        f"the learning rate (`lr`, now {config.lr:g}) or the border weight "
-                        "(`w0`), or set `batch_norm`"
-                    )
-            else:
-                state.skipped_in_a_row = 0
-                running.append(loss)
-            tiles_seen += image.shape[0]
 
-            budget_spent = (
-                config.max_minutes is not None
-                and time.perf_counter() - t_start >= 60 * config.max_minutes
+    def checkpoint() -> None:
+        recorder.on_checkpoint(model, optimizer, state, config, bool(val_samples))
+
+    try:
+        for batch in loader:
+            step = state.step + 1
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * lr_factor(config, step - 1, meter.elapsed())
+            batch = _to_device(batch, device, precision)
+            loss = _guarded_step(model, optimizer, scaler, batch, config, precision, device, step)
+            state.step = step  # weights and optimizer now belong to `step` (for Ctrl-C saves)
+            _count_skips(state, loss, config)
+            meter.add(loss, len(batch[0]))
+            budget_spent = config.max_minutes is not None and (
+                meter.elapsed() >= 60 * config.max_minutes
             )
             last = step == config.steps or budget_spent
             val = None
@@ -213,44 +174,21 @@ def fit(
                 val = validate(model, val_samples, info, precision, device, config.dice)
                 model.train()
             if step % config.log_every == 0 or val is not None or last:
-                now = time.perf_counter()
-                row = {
-                    "step": step,
-                    "loss": float(np.mean(running)) if running else math.nan,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "tiles_per_s": tiles_seen / max(now - t_window, 1e-9),
-                    "elapsed_s": now - t_start,
-                    "skipped": state.skipped,
-                }
-                row.update({f"val_{k}": v for k, v in (val or {}).items()})
+                row = meter.row(step, optimizer.param_groups[0]["lr"], state.skipped, val)
                 recorder.on_row(row)
                 state.history.append(row)
-                running.clear()
-                tiles_seen, t_window = 0, now
-                log.info("step %d loss %.4f", step, row["loss"])
-            # Select on validation Dice, not loss: the weighted loss rises with the border
-            # term's emphasis even while masks improve (seen on ISBI 2012).
-            if (
-                val is not None
-                and val["dice"] > state.best_val_dice
-                and math.isfinite(val["loss"])  # weights that compute NaN score Dice 0 or more
-                and _finite_weights(model)
-            ):
+            if _better(val, state, model):
                 state.best_val_dice = val["dice"]
                 recorder.on_best(model)
-            state.step = step
-            state.elapsed_s = time.perf_counter() - t_start
+            state.elapsed_s = meter.elapsed()
             if step % config.checkpoint_every == 0 or last:
                 checkpoint()
             if budget_spent:
                 log.info("time budget of %s min spent at step %d", config.max_minutes, step)
                 break
-            keep_going = True
-            if callback is not None:
-                speed = image.shape[0] / max(time.perf_counter() - t_step, 1e-9)
-                shown = math.nan if loss is None else loss
-                keep_going = callback(StepInfo(step, config.steps, shown, speed, val)) is not False
-            if not keep_going:
+            report = StepInfo(step, config.steps, math.nan if loss is None else loss,
+                              meter.step_speed(), val)  # fmt: skip
+            if callback is not None and callback(report) is False:
                 checkpoint()
                 break
     except KeyboardInterrupt:
@@ -258,10 +196,110 @@ def fit(
             checkpoint()
         raise
     if state.skipped:
-        log.warning(
-            "%d of %d updates skipped for a non-finite loss or gradient", state.skipped, step
-        )
+        log.warning("%d of %d updates skipped for a non-finite loss or gradient",
+                    state.skipped, state.step)  # fmt: skip
     return state
+
+
+def _loader(
+    samples: list[Sample],
+    info: ModelInfo,
+    config: TrainConfig,
+    augment: AugmentConfig | None,
+    done: int,
+) -> torch.utils.data.DataLoader:
+    """Batches of the steps after `done`: step s draws tiles s * B ... (s + 1) * B - 1."""
+    geometry = tile_geometry(info.net, config.tile)
+    dataset = TileDataset(samples, geometry, config.seed, config.steps * config.batch_size, augment)
+    batches = [
+        list(range(s * config.batch_size, (s + 1) * config.batch_size))
+        for s in range(done, config.steps)
+    ]
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=config.num_workers, persistent_workers=False
+    )
+
+
+def _to_device(batch, device: torch.device, precision: str):
+    image, target, weight = batch
+    image = image.to(device).to(memory_format=memory_format(precision))
+    return image, target.to(device), weight.to(device)
+
+
+def _count_skips(state: TrainState, loss: float | None, config: TrainConfig) -> None:
+    """Count a skipped update; too many in a row mean the training diverged."""
+    if loss is not None:
+        state.skipped_in_a_row = 0
+        return
+    state.skipped += 1
+    state.skipped_in_a_row += 1
+    log.warning("step %d: non-finite loss or gradient; update skipped", state.step)
+    if state.skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
+        raise TrainingDiverged(
+            f"training diverged: the loss or gradient was not finite at "
+            f"{state.skipped_in_a_row} steps in a row (up to step {state.step}); lower "
+            f"the learning rate (`lr`, now {config.lr:g}) or the border weight "
+            "(`w0`), or set `batch_norm`"
+        )
+
+
+def _better(val: dict | None, state: TrainState, model: UNet) -> bool:
+    """Whether validation found the best weights so far.
+
+    On validation Dice, not loss: the weighted loss rises with the border term's emphasis
+    even while masks improve (seen on ISBI 2012). Weights that compute NaN score a Dice of 0
+    or more, so a non-finite loss or weight never wins.
+    """
+    return (
+        val is not None
+        and val["dice"] > state.best_val_dice
+        and math.isfinite(val["loss"])
+        and _finite_weights(model)
+    )
+
+
+class _Meter:
+    """Wall time since the run began (resumes included), and the figures of one log row."""
+
+    def __init__(self, elapsed_before: float) -> None:
+        self.t_start = time.perf_counter() - elapsed_before
+        self.t_window = self.t_step = time.perf_counter()
+        self.losses: list[float] = []
+        self.tiles = 0
+        self.last_tiles = 0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def add(self, loss: float | None, tiles: int) -> None:
+        if loss is not None:
+            self.losses.append(loss)
+        self.tiles += tiles
+        self.last_tiles = tiles
+
+    def step_speed(self) -> float:
+        """Tiles per second of the step just done."""
+        now = time.perf_counter()
+        speed = self.last_tiles / max(now - self.t_step, 1e-9)
+        self.t_step = now
+        return speed
+
+    def row(self, step: int, lr: float, skipped: int, val: dict | None) -> dict:
+        """The training.csv row for the steps since the last one; starts a new window."""
+        now = time.perf_counter()
+        row = {
+            "step": step,
+            "loss": float(np.mean(self.losses)) if self.losses else math.nan,
+            "lr": lr,
+            "tiles_per_s": self.tiles / max(now - self.t_window, 1e-9),
+            "elapsed_s": now - self.t_start,
+            "skipped": skipped,
+        }
+        row.update({f"val_{k}": v for k, v in (val or {}).items()})
+        self.losses.clear()
+        self.tiles, self.t_window = 0, now
+        log.info("step %d loss %.4f", step, row["loss"])
+        return row
 
 
 def _guarded_step(
@@ -404,6 +442,6 @@ def validate(
             sums[k] += np.sum(pred == k) + np.sum(s.classes == k)
     # The foreground classes only: class 0 (background, or ISBI's cell interior) is most of
     # every image, so its Dice is high even for an empty prediction and would let one win.
-    present = sums[1:] > 0
-    dice = float(np.mean(2 * inter[1:][present] / sums[1:][present])) if present.any() else 0.0
+    foreground = dice_from_counts(inter[1:], sums[1:])  # NaN for a class absent throughout
+    dice = float(np.nanmean(foreground)) if np.isfinite(foreground).any() else 0.0
     return {"loss": float(np.mean(losses)), "accuracy": correct / total, "dice": dice}

@@ -80,36 +80,36 @@ class TilePlan:
         return len(self.y.origins(shape[0])) * len(self.x.origins(shape[1]))
 
 
-def default_halo(config: UNetConfig) -> int:
+def default_halo(net: UNetConfig) -> int:
     """Halo that makes "same" tiling exact: the receptive radius plus 2 px."""
-    return config.receptive_radius + 2
+    return net.receptive_radius + 2
 
 
-def valid_tiles(config: UNetConfig, count: int, halo: int | None = None) -> list[tuple[int, int]]:
+def valid_tiles(net: UNetConfig, count: int, halo: int | None = None) -> list[tuple[int, int]]:
     """The `count` smallest usable tiles as (input side, output side) pairs."""
-    tiles, request = [], min_tile(config, halo)
+    tiles, request = [], min_tile(net, halo)
     while len(tiles) < count:
-        axis = _snap_axis(config, request, config.size_step, halo, up=True)
+        axis = _snap_axis(net, request, net.size_step, halo, up=True)
         tiles.append((axis.tile_in, axis.tile_out))
         request = axis.tile_out + 1
     return tiles
 
 
-def min_tile(config: UNetConfig, halo: int | None = None) -> int:
+def min_tile(net: UNetConfig, halo: int | None = None) -> int:
     """Smallest output tile size usable for seamless tiling (at least one pooling period)."""
-    return _snap_axis(config, config.size_step, config.size_step, halo, up=True).tile_out
+    return _snap_axis(net, net.size_step, net.size_step, halo, up=True).tile_out
 
 
-def _snap_axis(config: UNetConfig, request: int, at_least: int, halo: int, up: bool) -> AxisPlan:
+def _snap_axis(net: UNetConfig, request: int, at_least: int, halo: int, up: bool) -> AxisPlan:
     """Valid axis plan with ``tile_out`` nearest to `request` (down, or up) and >= `at_least`."""
-    step = config.size_step
-    halo = default_halo(config) if halo is None else halo
-    if config.padding == "valid":
+    step = net.size_step
+    halo = default_halo(net) if halo is None else halo
+    if net.padding == "valid":
 
         def valid(o: int) -> bool:
-            return config.is_valid_output(o)
+            return net.is_valid_output(o)
 
-        context, crop = config.margin, 0
+        context, crop = net.margin, 0
     else:
         # Same padding: the widened tile must itself be a valid input (a multiple of 2**d).
         def valid(o: int) -> bool:
@@ -128,15 +128,15 @@ def _snap_axis(config: UNetConfig, request: int, at_least: int, halo: int, up: b
 
 
 def tile_memory(
-    config: UNetConfig, tile_shape: tuple[int, int], batch_size: int = 1, bytes_per_value: int = 4
+    net: UNetConfig, tile_shape: tuple[int, int], batch_size: int = 1, bytes_per_value: int = 4
 ) -> int:
     """Estimated bytes of feature maps for one forward pass of a batch of input tiles."""
-    values = config.peak_activations(*tile_shape) * batch_size
+    values = net.peak_activations(*tile_shape) * batch_size
     return int(values * bytes_per_value * MEMORY_SLACK)
 
 
 def auto_tile(
-    config: UNetConfig,
+    net: UNetConfig,
     image_shape: tuple[int, int],
     halo: int | None = None,
     memory_mb: float = DEFAULT_MEMORY_MB,
@@ -151,24 +151,24 @@ def auto_tile(
     input area (ties: the larger tile, fewer calls). If none fits, the smallest valid tile.
     """
     budget = memory_mb * 2**20
-    request = best = min_tile(config, halo)
+    request = best = min_tile(net, halo)
     best_cost = None
     longest = max(image_shape)
     while True:
-        plan = _plan(config, image_shape, request, halo)
-        if tile_memory(config, plan.tile_shape, batch_size, bytes_per_value) > budget:
+        plan = _plan(net, image_shape, request, halo)
+        if tile_memory(net, plan.tile_shape, batch_size, bytes_per_value) > budget:
             break
         cost = plan.count(image_shape) * plan.y.tile_in * plan.x.tile_in
         if best_cost is None or cost <= best_cost:
             best, best_cost = max(plan.y.tile_out, plan.x.tile_out), cost
         if request >= longest:
             break  # one tile covers the image: larger requests give the same plan
-        request = _snap_axis(config, request + 1, config.size_step, halo, up=True).tile_out
+        request = _snap_axis(net, request + 1, net.size_step, halo, up=True).tile_out
     return best
 
 
 def plan_tiles(
-    config: UNetConfig,
+    net: UNetConfig,
     image_shape: tuple[int, int],
     tile: int | None = None,
     halo: int | None = None,
@@ -181,7 +181,7 @@ def plan_tiles(
 
     Parameters
     ----------
-    config : UNetConfig
+    net : UNetConfig
     image_shape : (H, W)
     tile : int, optional
         Wanted output tile size per axis, snapped down to a valid size. Default: `auto_tile`,
@@ -200,22 +200,22 @@ def plan_tiles(
         When `tile` is below the smallest valid tile size.
     """
     if tile is None:
-        tile = auto_tile(config, image_shape, halo, memory_mb, batch_size, bytes_per_value)
-    smallest = min_tile(config, halo)
+        tile = auto_tile(net, image_shape, halo, memory_mb, batch_size, bytes_per_value)
+    smallest = min_tile(net, halo)
     if tile < smallest:
         raise BiounetError(
             f"tile size {tile} is too small for this model; the smallest valid tile is "
             f"{smallest} (use `tile` {smallest} or larger)"
         )
-    return _plan(config, image_shape, tile, halo)
+    return _plan(net, image_shape, tile, halo)
 
 
 def plan_for(
-    config: UNetConfig, image_shape: tuple[int, int], tiling: Tiling, precision: str
+    net: UNetConfig, image_shape: tuple[int, int], tiling: Tiling, precision: str
 ) -> TilePlan:
     """`plan_tiles` with a `Tiling`'s settings, at a resolved `precision`."""
     return plan_tiles(
-        config,
+        net,
         image_shape,
         tiling.tile,
         tiling.halo,
@@ -226,13 +226,13 @@ def plan_for(
 
 
 def _plan(
-    config: UNetConfig, image_shape: tuple[int, int], request: int, halo: int | None
+    net: UNetConfig, image_shape: tuple[int, int], request: int, halo: int | None
 ) -> TilePlan:
-    at_least = config.size_step
+    at_least = net.size_step
     axes = []
     for length in image_shape:
-        down = _snap_axis(config, request, at_least, halo, up=False)
-        cover = _snap_axis(config, length, at_least, halo, up=True)
+        down = _snap_axis(net, request, at_least, halo, up=False)
+        cover = _snap_axis(net, length, at_least, halo, up=True)
         axes.append(cover if cover.tile_out <= down.tile_out else down)
     return TilePlan(*axes)
 
@@ -361,7 +361,7 @@ def predict_tiled(
 
 
 def predict_whole(
-    forward: Forward, image: np.ndarray, config: UNetConfig, halo: int | None = None
+    forward: Forward, image: np.ndarray, net: UNetConfig, halo: int | None = None
 ) -> np.ndarray:
     """Reference: one forward pass over the whole mirror-padded image, cropped to (K, H, W).
 
@@ -369,13 +369,13 @@ def predict_whole(
     grid matches the tiles'. Memory grows with the image: for tests and small images only.
     """
     height, width = image.shape[-2:]
-    halo = default_halo(config) if halo is None else halo
-    context = config.margin if config.padding == "valid" else halo
+    halo = default_halo(net) if halo is None else halo
+    context = net.margin if net.padding == "valid" else halo
     sizes = []
     for length in (height, width):
-        ax = _snap_axis(config, length, 1, halo, up=True)
+        ax = _snap_axis(net, length, 1, halo, up=True)
         sizes.append(ax.tile_in)
     padded = mirror_crop(image, -context, -context, sizes[0], sizes[1])
     result = forward(padded[None])[0]
-    crop = 0 if config.padding == "valid" else halo
+    crop = 0 if net.padding == "valid" else halo
     return result[:, crop : crop + height, crop : crop + width]
