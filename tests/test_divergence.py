@@ -205,3 +205,33 @@ def test_json_never_holds_nan(tmp_path):
 
     write_json(tmp_path / "a.json", {"x": float("nan"), "y": [1.0, float("inf")], "z": 2.5})
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": None, "y": [1.0, None], "z": 2.5}
+
+
+def test_a_stored_post_processing_with_an_unknown_key_is_refused_on_load(tmp_path, capsys):
+    import json
+
+    from biounet.cli import main
+
+    info = ModelInfo(NET, ("background", "cell"), postprocess={"instances": {"seeds": 0.5}})
+    save_model(tmp_path / "m", UNet(NET), info)
+    image = tmp_path / "a.tif"
+    tifffile.imwrite(image, np.zeros((40, 40), np.uint8))
+    argv = ["predict", tmp_path / "m", image, "--out", tmp_path / "o", "--output", "instances"]
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "config.json" in err and "unknown postprocess.instances key(s) seeds" in err
+    assert not (tmp_path / "o").exists()
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["postprocess"] = {"instances": {"seed_threshold": "high"}}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BiounetError, match="config.json: invalid model config"):
+        load_model(tmp_path / "m")
+
+
+def test_a_one_bit_tiff_is_read_as_0_and_1(tmp_path):
+    from biounet.io import read_image
+
+    bits = np.random.default_rng(0).integers(0, 2, (20, 30)).astype(bool)
+    tifffile.imwrite(tmp_path / "b.tif", bits)
+    image = read_image(tmp_path / "b.tif")
+    assert image.dtype == np.uint8 and np.array_equal(image[0], bits)

@@ -121,6 +121,8 @@ def read_image(path: Path, in_channels: int | None = None) -> np.ndarray:
         raise BiounetError(f"{path}: unsupported pixel type {arr.dtype}")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise BiounetError(f"{path}: contains NaN or infinite values; replace them before use")
+    if arr.dtype.kind == "b":  # a 1-bit TIFF: 0 and 1, as the integers they stand for
+        arr = arr.astype(np.uint8)
     if in_channels is not None and arr.shape[0] != in_channels:
         raise BiounetError(
             f"{path}: has {arr.shape[0]} channel(s) but the model expects {in_channels}"

@@ -90,6 +90,7 @@ class ModelInfo:
         if missing:
             raise BiounetError(f"{source}: incomplete model config, missing {', '.join(missing)}")
         try:
+            _check_postprocess(d.get("postprocess"))
             net = UNetConfig(**{k: d[k] for k in ARCH_KEYS if k in d})
             norm = NormalizeConfig(**d.get("normalization", {}))
             return cls(
@@ -107,6 +108,31 @@ class ModelInfo:
         from dataclasses import replace
 
         return replace(self, **changes)
+
+
+def _check_postprocess(post) -> None:
+    """A stored post-processing must be one `InstanceConfig` can take (checked on load, not
+    after a prediction)."""
+    from dataclasses import fields
+
+    from biounet.instances import InstanceConfig
+
+    if post is None:
+        return
+    if not isinstance(post, dict) or not isinstance(post.get("instances", {}), dict | None):
+        raise BiounetError("postprocess must be an object with an 'instances' object")
+    stored = post.get("instances") or {}
+    known = {f.name for f in fields(InstanceConfig)}
+    unknown = sorted(set(stored) - known)
+    if unknown:
+        raise BiounetError(
+            f"unknown postprocess.instances key(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(known))}"
+        )
+    try:
+        InstanceConfig(**stored)
+    except (TypeError, ValueError) as exc:
+        raise BiounetError(f"postprocess.instances: {exc}") from None
 
 
 def default_class_names(num_classes: int) -> tuple[str, ...]:

@@ -97,7 +97,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     def on_file(path: Path, i: int, n: int) -> None:
         state.update(file=i, files=n, name=path.name)
-        progress.update(i / n, f"{i + 1}/{n} {path.name}", force=True)
+        progress.update(i / n, f"{i + 1}/{n} {path.name}", force=i == 0)  # then every 30 s
 
     def on_tiles(done: int, total: int) -> None:
         # Files done plus the share of the current one: the ETA covers the whole run.
