@@ -221,3 +221,19 @@ def test_the_wheel_carries_the_shipped_models(tmp_path):
         for name in ("config.json", "weights.safetensors", "README.md"):
             data = f"biounet-{biounet.__version__}.data/data/share/biounet/models/{model}/{name}"
             assert data in names, data
+
+
+@pytest.mark.parametrize("shape", [(1, 53), (37, 1), (1, 1), (1, 1, 9)])
+def test_thin_images_keep_their_two_axes(tmp_path, capsys, shape):
+    assert main(["init", str(tmp_path / "g"), "--depth", "2", "--base-channels", "4"]) == 0
+    capsys.readouterr()
+    model = biounet.load(tmp_path / "g", precision="fp32")
+    mask = model.predict(np.random.default_rng(0).integers(0, 255, shape).astype(np.uint8))
+    assert mask.shape == shape[-2:]
+
+
+def test_train_refuses_architecture_options_beside_init():
+    images, masks = _disk_arrays(3)
+    first = biounet.train(images, masks, **TINY_TRAINING)
+    with pytest.raises(BiounetError, match="init= gives the architecture; drop `depth`"):
+        biounet.train(images, masks, init=first, depth=3, steps=1)

@@ -41,11 +41,14 @@ def touching(tmp_path):
     return images, masks
 
 
-def _run(folders, out, **changes):
+def _run(folders, out, stop_at=None, resume=False, **changes):
     settings = dict(steps=40, tile=60, seed=3, val_every=4, checkpoint_every=40, log_every=1)
     config = TrainConfig(**(settings | changes))
     info = ModelInfo(NET, ("background", "cell"))
-    return train_from_folders(*folders, out, info, config, DataConfig())
+    stop = None if stop_at is None else (lambda s: s.step < stop_at)
+    return train_from_folders(
+        *folders, out, info, config, DataConfig(), callback=stop, resume=resume
+    )
 
 
 def _last_weights(out):
@@ -235,3 +238,23 @@ def test_a_one_bit_tiff_is_read_as_0_and_1(tmp_path):
     tifffile.imwrite(tmp_path / "b.tif", bits)
     image = read_image(tmp_path / "b.tif")
     assert image.dtype == np.uint8 and np.array_equal(image[0], bits)
+
+
+def test_resume_of_a_checkpoint_scored_the_old_way_selects_again(touching, tmp_path):
+    """Checkpoints from before the foreground Dice hold a best Dice over all classes, higher
+    than any foreground Dice: resuming must not keep comparing against it."""
+    import json
+
+    out = tmp_path / "m"
+    _run(touching, out, steps=8, val_every=4, checkpoint_every=4, stop_at=4)
+    state_file = out / "checkpoints" / "last" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["dice_of"] == "foreground classes"
+    del state["dice_of"]
+    state["best_val_dice"] = 0.999
+    state_file.write_text(json.dumps(state))
+    before = (out / "weights.safetensors").read_bytes()
+    _run(touching, out, steps=8, val_every=4, checkpoint_every=4, resume=True)
+    _, info = load_model(out)
+    assert info.training["best_val_dice"] < 0.999
+    assert (out / "weights.safetensors").read_bytes() != before  # step 8 was selected

@@ -241,9 +241,9 @@ def as_channels_first(image, channels: int, channel_axis: int | None = None) -> 
         if not -arr.ndim <= channel_axis < arr.ndim:
             raise BiounetError(f"channel_axis {channel_axis} is out of range for {arr.shape}")
         arr = np.moveaxis(arr, channel_axis, 0)
-        arr = arr.reshape(arr.shape[0], *[s for s in arr.shape[1:] if s != 1])
+        arr = arr.reshape(arr.shape[0], *_image_shape(arr.shape[1:]))
     else:
-        arr = arr.reshape([s for s in arr.shape if s != 1] or [1])
+        arr = arr.reshape(_image_shape(arr.shape))
         if arr.ndim == 2 and channels == 1:
             arr = arr[None]
         elif arr.ndim == 3 and arr.shape[0] != channels and arr.shape[-1] == channels:
@@ -255,6 +255,17 @@ def as_channels_first(image, channels: int, channel_axis: int | None = None) -> 
             "(give channel_axis= for another layout)"
         )
     return arr
+
+
+def _image_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """`shape` without singleton axes beyond the two image axes, dropped from the front, then
+    from the back: (1, H, W) and (H, W, 1) give (H, W); a one-pixel-high (1, W) image stays."""
+    shape = list(shape)
+    while len(shape) > 2 and shape[0] == 1:
+        shape.pop(0)
+    while len(shape) > 2 and shape[-1] == 1:
+        shape.pop()
+    return tuple(shape)
 
 
 def _progress(progress):

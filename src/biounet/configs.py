@@ -9,12 +9,49 @@ is imported: this module imports nothing but the standard library.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from biounet.errors import BiounetError
 
 # MiB of feature maps of one batch of tiles; torch and the model come on top
 DEFAULT_MEMORY_MB = 1024
+
+
+# -- normalisation (biounet.normalize) ----------------------------------------------------
+
+METHODS = ("percentile", "dtype", "none")
+
+
+@dataclass(frozen=True)
+class NormalizeConfig:
+    """How raw intensities become network input.
+
+    Parameters
+    ----------
+    method : {"percentile", "dtype", "none"}
+        "percentile": per image and channel, (x - p_low) / (p_high - p_low);
+        "dtype": divide by the maximum of the integer dtype (255, 65535); floats unchanged;
+        "none": cast to float32 unchanged.
+    low, high : float
+        Percentiles for "percentile".
+    """
+
+    method: str = "percentile"
+    low: float = 1.0
+    high: float = 99.8
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise BiounetError(
+                f"normalization method must be one of {METHODS}, not {self.method!r}"
+            )
+        if not 0.0 <= self.low < self.high <= 100.0:
+            raise BiounetError(
+                f"need 0 <= low < high <= 100 percentiles, got {self.low}, {self.high}"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 # -- augmentation (biounet.augment) --------------------------------------------------------
@@ -202,6 +239,8 @@ class TrainConfig:
             raise BiounetError(
                 f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}"
             )
+        if isinstance(self.num_workers, bool) or self.num_workers < 0:
+            raise BiounetError(f"num_workers must be >= 0, not {self.num_workers}")
         for name in ("steps", "batch_size", "val_every", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise BiounetError(f"{name} must be >= 1")
@@ -298,8 +337,8 @@ class PredictConfig:
         Tiling(self.tile, self.halo, self.batch_size, self.memory_mb)  # its own checks
         if self.stream and (self.output == "prob" or self.tta or self.overlay):
             raise BiounetError(
-                "stream=True writes masks or instances only: drop output=prob, tta=True "
-                "and overlay=True, or drop stream=True"
+                "`stream` writes masks or instances only: drop `output` prob, `tta` "
+                "and `overlay`, or drop `stream`"
             )
         if isinstance(self.instance_margin, bool) or self.instance_margin < 1:
             raise BiounetError(f"instance_margin must be >= 1 px, not {self.instance_margin}")

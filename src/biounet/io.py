@@ -292,9 +292,14 @@ def write_png(path: Path, data: np.ndarray) -> None:
         iio.imwrite(tmp, data, extension=".png")
 
 
+def json_text(obj: dict) -> str:
+    """`obj` as indented JSON; NaN and infinities become null (JSON has neither)."""
+    return json.dumps(_json_safe(obj), indent=2, sort_keys=False, allow_nan=False)
+
+
 def write_json(path: Path, obj: dict) -> None:
-    """Write `obj` as JSON, atomically; NaN and infinities become null (JSON has neither)."""
-    text = json.dumps(_json_safe(obj), indent=2, sort_keys=False, allow_nan=False)
+    """Write `obj` as JSON (`json_text`), atomically."""
+    text = json_text(obj)
     with atomic_path(path) as tmp:
         tmp.write_text(text + "\n")
 

@@ -233,12 +233,13 @@ def describe(folder: Path) -> str:
 def resolve_model(source: str | Path) -> Path:
     """A model directory from a path or the name of a shipped model.
 
-    An existing path wins over a name; an unknown name is refused listing the known ones.
+    A model directory at the path wins over a name (a data folder called ``isbi2012`` does
+    not); an unknown name is refused listing the known ones.
     """
     path = Path(source)
-    if path.exists():
-        return path
     shipped = shipped_model_dirs()
+    if (path / CONFIG_NAME).is_file() or (path.exists() and str(source) not in shipped):
+        return path  # a model directory; or a path whose own error says what is wrong
     if str(source) in shipped:
         return shipped[str(source)]
     known = ", ".join(shipped) or "none found"
@@ -250,6 +251,7 @@ def resolve_model(source: str | Path) -> Path:
 # -- training outputs: checkpoints, the training log, curves ----------------------------
 
 CHECKPOINT_DIR = Path("checkpoints") / "last"
+DICE_OF = "foreground classes"  # what best_val_dice averages (biounet.loop.validate)
 LOG_NAME = "training.csv"
 CURVES_NAME = "curves.png"
 CSV_FIELDS = (
@@ -343,6 +345,7 @@ def save_checkpoint(
         {
             "step": state.step,
             "best_val_dice": finite_or_none(state.best_val_dice),
+            "dice_of": DICE_OF,
             "elapsed_s": state.elapsed_s,
             "skipped": state.skipped,
             "skipped_in_a_row": state.skipped_in_a_row,
@@ -383,6 +386,8 @@ def load_checkpoint(out_dir: Path, model: UNet, optimizer: torch.optim.Optimizer
     step = int(meta["step"])
     _truncate_csv(out_dir / LOG_NAME, step)
     best = meta.get("best_val_dice")
+    if meta.get("dice_of") != DICE_OF:
+        best = None  # scored another way (all classes, before 0.1.0's foreground Dice)
     return {
         "step": step,
         "best_val_dice": -math.inf if best is None else best,

@@ -7,45 +7,11 @@ microscopy tools (CSBDeep, StarDist) do.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 
-from biounet.errors import BiounetError
+from biounet.configs import METHODS, NormalizeConfig
 
-METHODS = ("percentile", "dtype", "none")
-
-
-@dataclass(frozen=True)
-class NormalizeConfig:
-    """How raw intensities become network input.
-
-    Parameters
-    ----------
-    method : {"percentile", "dtype", "none"}
-        "percentile": per image and channel, (x - p_low) / (p_high - p_low);
-        "dtype": divide by the maximum of the integer dtype (255, 65535); floats unchanged;
-        "none": cast to float32 unchanged.
-    low, high : float
-        Percentiles for "percentile".
-    """
-
-    method: str = "percentile"
-    low: float = 1.0
-    high: float = 99.8
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise BiounetError(
-                f"normalization method must be one of {METHODS}, not {self.method!r}"
-            )
-        if not 0.0 <= self.low < self.high <= 100.0:
-            raise BiounetError(
-                f"need 0 <= low < high <= 100 percentiles, got {self.low}, {self.high}"
-            )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+__all__ = ["METHODS", "NormalizeConfig", "apply_normalization", "normalization_params", "normalize"]
 
 
 def normalize(image: np.ndarray, config: NormalizeConfig) -> np.ndarray:

@@ -254,6 +254,7 @@ def _streams(path: Path, config: PredictConfig) -> bool:
         config.output in ("mask", "instances")
         and not config.tta
         and not config.overlay
+        and path.suffix.lower() in (".tif", ".tiff")  # other formats decode whole anyway
         and (config.stream or image_pixels(path) > config.stream_pixels)
     )
 

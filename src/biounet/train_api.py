@@ -15,6 +15,7 @@ from biounet.api import Model, _progress, as_channels_first
 from biounet.errors import BiounetError
 from biounet.model import UNet
 from biounet.modeldir import ModelInfo, load_model, resolve_model
+from biounet.options import TRAIN_OPTIONS
 from biounet.precision import parse_device
 
 
@@ -72,6 +73,12 @@ def train(
     info, config, data, extra = configs_from_options(options, in_channels)
     device = parse_device(extra.get("device", "auto"))
     start = _start(init)
+    arch = sorted(k for k in options if TRAIN_OPTIONS[k][0] == "net" and k != "in_channels")
+    if start is not None and arch:
+        raise BiounetError(
+            f"init= gives the architecture; drop {', '.join(f'`{k}`' for k in arch)} "
+            "(or train a fresh network without init=)"
+        )
     if start is not None:
         info = start[1].replace(training=None, weights_dtype=info.weights_dtype)
     if out is not None and is_model_dir(Path(out)):

@@ -58,7 +58,7 @@ def model_path(source: Path) -> Path:
     from biounet.modeldir import resolve_model, shipped_model_dirs
 
     found = data_path(source)
-    if not source.exists() and str(source) not in shipped_model_dirs() and is_model_dir(found):
+    if not is_model_dir(source) and str(source) not in shipped_model_dirs() and is_model_dir(found):
         return found
     return resolve_model(source)
 
@@ -66,22 +66,17 @@ def model_path(source: Path) -> Path:
 def as_flags(message: str) -> str:
     """A library message worded with the flags of the options it names.
 
-    Library messages name options as Python keywords: ```name``` -> ``--name``,
-    ``name=True`` -> ``--name``, ``name=value`` -> ``--name value``; config fields set by an
-    option become the option's flag (``border_w0`` -> ``--w0``), and a name that opens the
-    message as its subject does too ("max_minutes must be > 0" -> "--max-minutes must ...").
-    Anything else (keys of a config.json, file names) is left as it is.
+    Library messages name options as Python keywords in backticks: ```name``` -> ``--name``
+    (config fields an option sets become that option's flag: ```border_w0``` -> ``--w0``);
+    a name that opens the message as its subject becomes a flag too ("max_minutes must be
+    > 0" -> "--max-minutes must be > 0"). Nothing else is touched: file names, config.json
+    keys and values stay as they are.
     """
     from biounet.options import all_option_names, flag
 
     options = all_option_names()
     names = "|".join(sorted(options, key=len, reverse=True))
-    lone = r"(?<![\w/.`-])"  # not inside a path or another word
     message = re.sub(rf"`({names})`", lambda m: flag(options[m[1]]), message)
-    message = re.sub(rf"{lone}({names})=True\b", lambda m: flag(options[m[1]]), message)
-    message = re.sub(
-        rf"{lone}({names})=([^\s,;)]+)", lambda m: f"{flag(options[m[1]])} {m[2]}", message
-    )
     first = message.split(" ", 1)[0]
     if first in options and message.startswith(f"{first} must"):
         message = flag(options[first]) + message[len(first) :]

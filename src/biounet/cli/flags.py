@@ -7,8 +7,7 @@ from functools import partial
 
 from biounet.architecture import PADDINGS, UNetConfig
 from biounet.cli.common import default
-from biounet.configs import TOUCHING, AugmentConfig, DataConfig
-from biounet.normalize import METHODS, NormalizeConfig
+from biounet.configs import METHODS, TOUCHING, AugmentConfig, DataConfig, NormalizeConfig
 
 
 def add_arch_flags(q: argparse.ArgumentParser) -> None:

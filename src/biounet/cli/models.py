@@ -65,7 +65,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from biounet.io import write_json
+    from biounet.io import json_text, write_json
     from biounet.modeldir import load_model
     from biounet.tiling import valid_tiles
 
@@ -88,13 +88,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     if info.postprocess and info.postprocess.get("instances"):
         post = info.postprocess["instances"]
         lines.append("instances: " + ", ".join(f"{k} {v}" for k, v in post.items()))
-    print("\n".join(lines))
-    if args.json is not None:
-        if str(args.json) == "-":
-            json.dump(info.to_dict(), sys.stdout, indent=2)
-            print()
-        else:
-            write_json(args.json, info.to_dict())
+    to_stdout = args.json is not None and str(args.json) == "-"
+    if not args.quiet:  # beside JSON on standard output, the summary goes to standard error
+        print("\n".join(lines), file=sys.stderr if to_stdout else sys.stdout)
+    if to_stdout:
+        print(json_text(info.to_dict()))
+    elif args.json is not None:
+        write_json(args.json, info.to_dict())
+        say(args, f"wrote {args.json}")
     return 0
 
 
