@@ -101,9 +101,9 @@ def training_rate(net: UNetConfig, steps: int) -> float:
     from scipy import ndimage
 
     from biounet.augment import AugmentConfig
+    from biounet.checkpoints import DirectoryRecorder
     from biounet.data import DataConfig, load_sample
     from biounet.loop import TrainConfig, fit
-    from biounet.modeldir import DirectoryRecorder
 
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)

@@ -314,6 +314,8 @@ class PredictConfig:
         not grow with the image.
     stream : bool
         Stream every TIFF input, whatever its size (masks and instances only).
+    skip_existing : bool
+        Leave out inputs all of whose outputs exist (a run that was killed continues).
     instance_margin : int
         Context (px) read around each block when streamed instances are labelled block by
         block: the widest clump of touching cells must fit in it (wider ones are logged).
@@ -328,6 +330,7 @@ class PredictConfig:
     tta: bool = False
     stream_pixels: int = 16 * 2**20  # TIFF inputs larger than this stream tile by tile
     stream: bool = False  # stream masks and instances of TIFFs of any size
+    skip_existing: bool = False  # leave out inputs whose outputs are all there
     memory_mb: float = DEFAULT_MEMORY_MB
     instance_margin: int = 128
 

@@ -7,17 +7,16 @@ interrupted or failed run never leaves a half-written file behind.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
+from biounet.durable import atomic_path, ensure_dir
 from biounet.errors import BiounetError
+
+__all__ = ["atomic_path", "ensure_dir"]  # and the readers and writers below
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 CONFIG_NAME = "config.json"
@@ -238,44 +237,6 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 # -- writing ------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds."""
-    path = Path(path)
-    ensure_dir(path.parent)
-    # A dot-name ending in .part: never listed as an input if a kill leaves it behind.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def ensure_dir(folder: Path) -> Path:
-    """Create `folder` (and parents), or explain why it cannot be."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise BiounetError(
-            f"{folder}: cannot create this folder because a file is in the way; "
-            "choose another output path"
-        ) from None
-    except OSError as exc:
-        raise BiounetError(f"{folder}: cannot create this folder ({exc.strerror})") from None
-    return folder
 
 
 def write_tiff(path: Path, data: np.ndarray) -> None:

@@ -1,7 +1,7 @@
 """The training loop: a visible loop over random tiles, with validation and exact resume.
 
 `fit` writes nothing: what it reports (logged rows, better weights, checkpoint moments) goes
-to a recorder, `Recorder` (memory) or `biounet.modeldir.DirectoryRecorder` (a model
+to a recorder, `Recorder` (memory) or `biounet.checkpoints.DirectoryRecorder` (a model
 directory). Resuming is exact on CPU because every random draw is a function of
 (seed, step): tiles come from `TileDataset` by index, and dropout's torch generator is
 re-seeded each step.
@@ -144,8 +144,6 @@ def fit(
     optimizer = make_optimizer(model, config)
     recorder.bind(info)
     state = TrainState(**recorder.restore(model, optimizer)) if resume else TrainState()
-    if not resume:
-        recorder.on_start()
     loader = _loader(train_samples, info, config, augment, state.step)
     # fp16 gradients underflow without loss scaling; a disabled scaler is a no-op otherwise.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -154,6 +152,10 @@ def fit(
 
     def checkpoint() -> None:
         recorder.on_checkpoint(model, optimizer, state, config, bool(val_samples))
+
+    if not resume:
+        recorder.on_start()
+        checkpoint()  # step 0: the model directory is complete and resumable from the start
 
     try:
         for batch in loader:
@@ -374,6 +376,9 @@ class Recorder:
 
     def on_end(self, info: ModelInfo) -> None:
         """The finished model's description (provenance, fitted post-processing)."""
+
+    def close(self) -> None:
+        """Training is over, finished or not (a directory recorder releases its lock)."""
 
     def restore(self, model: UNet, optimizer: torch.optim.Optimizer) -> dict:
         """Load the last checkpoint into `model` and `optimizer`; returns `TrainState`'s

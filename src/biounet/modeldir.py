@@ -2,21 +2,16 @@
 
     MODEL_DIR/config.json            architecture, classes, normalisation, how it was trained
     MODEL_DIR/weights.safetensors    best weights by validation Dice (latest without validation)
-    MODEL_DIR/training.csv           one row per logged step
-    MODEL_DIR/curves.png             training curves
-    MODEL_DIR/checkpoints/last/      weights, optimizer state (safetensors) and state.json
 
 Never a pickle: a model directory from someone else is data, not code. Also finds the models
-shipped with biounet by name, and `DirectoryRecorder` keeps a directory usable while
-`biounet.loop.fit` trains (the loop itself writes nothing).
+shipped with biounet by name. What training adds (checkpoints, training.csv, curves, the
+lock) is `biounet.checkpoints`'s.
 """
 
 from __future__ import annotations
 
-import csv
-import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,18 +21,13 @@ from biounet.errors import BiounetError
 from biounet.io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
-    atomic_path,
-    ensure_dir,
     load_tensors,
-    read_json,
     read_model_config,
     save_tensors,
-    tensor_metadata,
     write_json,
 )
 from biounet.model import UNet, UNetConfig
 from biounet.normalize import NormalizeConfig
-from biounet.plots import training_curves
 
 WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ARCH_KEYS = (
@@ -246,184 +236,3 @@ def resolve_model(source: str | Path) -> Path:
     raise BiounetError(
         f"{source}: no such model directory, nor the name of a shipped model (known: {known})"
     )
-
-
-# -- training outputs: checkpoints, the training log, curves ----------------------------
-
-CHECKPOINT_DIR = Path("checkpoints") / "last"
-DICE_OF = "foreground classes"  # what best_val_dice averages (biounet.loop.validate)
-LOG_NAME = "training.csv"
-CURVES_NAME = "curves.png"
-CSV_FIELDS = (
-    "step",
-    "loss",
-    "lr",
-    "tiles_per_s",
-    "elapsed_s",
-    "val_loss",
-    "val_accuracy",
-    "val_dice",
-    "skipped",
-)
-
-
-class DirectoryRecorder:
-    """Keeps a model directory usable throughout training (see the module docstring)."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.out_dir = Path(out_dir)
-        self.info: ModelInfo | None = None
-
-    def bind(self, info: ModelInfo) -> None:
-        self.info = info
-
-    def kept_network(self, info: ModelInfo) -> UNet:
-        return load_model(self.out_dir)[0]
-
-    def on_end(self, info: ModelInfo) -> None:
-        # The final provenance next to whichever weights are current.
-        write_json(self.out_dir / CONFIG_NAME, info.to_dict())
-
-    def restore(self, model: UNet, optimizer: torch.optim.Optimizer) -> dict:
-        return load_checkpoint(self.out_dir, model, optimizer)
-
-    def on_start(self) -> None:
-        ensure_dir(self.out_dir)
-        _truncate_csv(self.out_dir / LOG_NAME, 0)
-
-    def on_row(self, row: dict) -> None:
-        _append_csv(self.out_dir / LOG_NAME, row)
-
-    def on_best(self, model: UNet) -> None:
-        save_model(self.out_dir, model, self.info)
-
-    def on_checkpoint(
-        self,
-        model: UNet,
-        optimizer: torch.optim.Optimizer,
-        state,
-        config,
-        has_val: bool,
-    ) -> None:
-        save_checkpoint(self.out_dir, model, optimizer, state, config)
-        if not has_val or not math.isfinite(state.best_val_dice):
-            save_model(self.out_dir, model, self.info)
-        history = _read_csv(self.out_dir / LOG_NAME)
-        if history:
-            with atomic_path(self.out_dir / CURVES_NAME) as tmp:
-                training_curves(history).savefig(tmp, format="png", dpi=100)
-
-
-def save_checkpoint(
-    out_dir: Path,
-    model: UNet,
-    optimizer: torch.optim.Optimizer,
-    state,
-    config,
-) -> None:
-    """Weights and optimizer state as safetensors, the rest as JSON; state.json written last.
-
-    `state`: the loop's `TrainState`; `config`: its `TrainConfig` (stored for --resume).
-    """
-    if not all(torch.isfinite(t).all() for t in model.state_dict().values()):
-        raise BiounetError(f"{out_dir}: the weights are not finite; no checkpoint written")
-    folder = ensure_dir(out_dir / CHECKPOINT_DIR)
-    # Each file is atomic, the set is not: every file carries its step, checked on resume.
-    stamp = {"step": str(state.step)}
-    save_tensors(folder / "model.safetensors", model.state_dict(), metadata=stamp)
-    tensors, scalars = {}, {}
-    opt_state = optimizer.state_dict()
-    for idx, entries in opt_state["state"].items():
-        for key, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value
-            else:
-                scalars.setdefault(str(idx), {})[key] = value
-    save_tensors(folder / "optimizer.safetensors", tensors, metadata=stamp)
-    write_json(
-        folder / "state.json",
-        {
-            "step": state.step,
-            "best_val_dice": finite_or_none(state.best_val_dice),
-            "dice_of": DICE_OF,
-            "elapsed_s": state.elapsed_s,
-            "skipped": state.skipped,
-            "skipped_in_a_row": state.skipped_in_a_row,
-            "train_config": asdict(config),
-            "optimizer": {"param_groups": opt_state["param_groups"], "scalars": scalars},
-        },
-    )
-
-
-def read_checkpoint_config(out_dir: Path) -> dict:
-    path = out_dir / CHECKPOINT_DIR / "state.json"
-    if not path.is_file():
-        raise BiounetError(f"{out_dir}: no checkpoint to resume from (missing {path})")
-    return read_json(path)["train_config"]
-
-
-def load_checkpoint(out_dir: Path, model: UNet, optimizer: torch.optim.Optimizer) -> dict:
-    """Load the last checkpoint into `model` and `optimizer`; returns the loop's state
-    (`biounet.loop.TrainState` fields)."""
-    folder = out_dir / CHECKPOINT_DIR
-    meta = read_json(folder / "state.json")
-    for name in ("model.safetensors", "optimizer.safetensors"):
-        stamped = tensor_metadata(folder / name).get("step")
-        if stamped != str(meta["step"]):
-            raise BiounetError(
-                f"{folder / name}: holds step {stamped} but state.json step {meta['step']} "
-                "(training was killed while saving); delete checkpoints/ to restart"
-            )
-    load_weights(model, folder / "model.safetensors")
-    tensors = load_tensors(folder / "optimizer.safetensors")
-    opt_state: dict = {"state": {}, "param_groups": meta["optimizer"]["param_groups"]}
-    for name, value in tensors.items():
-        idx, key = name.split(".", 1)
-        opt_state["state"].setdefault(int(idx), {})[key] = value
-    for idx, entries in meta["optimizer"]["scalars"].items():
-        opt_state["state"].setdefault(int(idx), {}).update(entries)
-    optimizer.load_state_dict(opt_state)
-    step = int(meta["step"])
-    _truncate_csv(out_dir / LOG_NAME, step)
-    best = meta.get("best_val_dice")
-    if meta.get("dice_of") != DICE_OF:
-        best = None  # scored another way (all classes, before 0.1.0's foreground Dice)
-    return {
-        "step": step,
-        "best_val_dice": -math.inf if best is None else best,
-        "elapsed_s": float(meta.get("elapsed_s", 0.0)),
-        "skipped": int(meta.get("skipped", 0)),
-        "skipped_in_a_row": int(meta.get("skipped_in_a_row", 0)),
-    }
-
-
-def finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
-def _read_csv(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return [
-            {k: float(v) for k, v in row.items() if v not in ("", None)}
-            for row in csv.DictReader(f)
-        ]
-
-
-def _append_csv(path: Path, row: dict) -> None:
-    new = not path.is_file()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
-
-
-def _truncate_csv(path: Path, step: int) -> None:
-    """Drop rows logged after `step` (an interrupted run may have logged past its checkpoint)."""
-    rows = [r for r in _read_csv(path) if r["step"] <= step]
-    if path.is_file():
-        path.unlink()
-    for r in rows:
-        _append_csv(path, {k: (int(v) if k == "step" else v) for k, v in r.items()})

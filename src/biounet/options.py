@@ -54,7 +54,7 @@ TRAIN_OPTIONS: dict[str, tuple[str, str]] = {
 
 # `biounet predict` / `PredictConfig` and the runs' own arguments: name -> option
 OTHER_OPTIONS = (
-    "output", "overlay", "stream", "tta", "memory_mb", "instance_margin",
+    "output", "overlay", "stream", "tta", "memory_mb", "instance_margin", "skip_existing",
     "out", "init", "resume", "val_images", "val_masks",
 )  # fmt: skip
 

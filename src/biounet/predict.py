@@ -13,6 +13,7 @@ import tifffile
 import torch
 
 from biounet.configs import PredictConfig
+from biounet.durable import fault_point, remove_leftovers, temp_prefix
 from biounet.errors import BiounetError
 from biounet.inference import Engine, softmax
 from biounet.instances import (
@@ -197,7 +198,7 @@ def predict_large(
                 write(tmp, (np.asarray(lg.argmax(0), np.uint8) for _, _, lg in blocks()), np.uint8)
                 return
             with tempfile.TemporaryDirectory(
-                prefix=f".{target.name}.", suffix=".work", dir=target.parent
+                prefix=temp_prefix(target.name), suffix=".work", dir=target.parent
             ) as work:
                 labels, n = _stream_instances(
                     info, blocks(), (height, width), (ty, tx), Path(work), config.instance_margin
@@ -231,7 +232,9 @@ def _stream_instances(info: ModelInfo, blocks, shape, block_shape, work: Path, m
         dtype=np.uint32, fill_value=0,
     )  # fmt: skip
     post = instance_config(info)
+    fault_point(f"{work.name}: probabilities written")
     n = instances_in_chunks(probs, labels, post, chunk=_INSTANCE_CHUNK, margin=margin)
+    fault_point(f"{work.name}: labels written")
     return labels, n
 
 
@@ -269,6 +272,12 @@ def instance_config(info: ModelInfo) -> InstanceConfig:
     return InstanceConfig()
 
 
+def outputs_of(path: Path, out_dir: Path, config: PredictConfig) -> list[Path]:
+    """The files that predicting `path` writes: ``STEM.tif``, and ``STEM_overlay.png``."""
+    target = Path(out_dir) / f"{path.stem}.tif"
+    return [target, Path(out_dir) / f"{path.stem}_overlay.png"] if config.overlay else [target]
+
+
 def predict_files(
     model_dir: Path,
     inputs: list[str | Path],
@@ -277,11 +286,14 @@ def predict_files(
     device: torch.device | None = None,
     on_file: Callable[[Path, int, int], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    on_skip: Callable[[Path], None] | None = None,
 ) -> list[Path]:
     """Predict every input image and write ``out_dir/STEM.tif`` (and overlays).
 
     All inputs are checked (exist, readable, right channels) before the first output is
-    written. Returns the written paths.
+    written. With ``config.skip_existing``, inputs all of whose outputs exist are skipped
+    (`on_skip` is told): outputs are renamed into place complete, so present means done.
+    Leftovers of killed runs in `out_dir` are removed first. Returns the written paths.
     """
     model, info = load_model(Path(model_dir))
     files = expand_inputs(inputs)
@@ -289,33 +301,41 @@ def predict_files(
     if config.tile is not None:
         plan_tiles(info.net, (1, 1), config.tile, config.halo)  # refuse a bad tile up front
     inputs_resolved = {f.resolve() for f in files}
+    todo = []
     for f in files:
         if (Path(out_dir) / f"{f.stem}.tif").resolve() in inputs_resolved:
             raise BiounetError(
                 f"{f}: its output {Path(out_dir) / (f.stem + '.tif')} would overwrite an input; "
                 "choose another `out` folder"
             )
+        if config.skip_existing and all(o.is_file() for o in outputs_of(f, out_dir, config)):
+            if on_skip is not None:
+                on_skip(f)
+            continue
         if not _streams(f, config):
             read_image(f, info.net.in_channels)
+        todo.append(f)
     ensure_dir(Path(out_dir))
+    remove_leftovers(Path(out_dir))
     engine = Engine(model, device, config.precision)  # set up once for all files
     written = []
-    for i, f in enumerate(files):
+    for i, f in enumerate(todo):
         if on_file is not None:
-            on_file(f, i, len(files))
-        target = Path(out_dir) / f"{f.stem}.tif"
-        if _streams(f, config):
-            predict_large(engine, info, f, target, config, progress=progress)
-            written.append(target)
-            continue
-        x = normalize(read_image(f, info.net.in_channels), info.normalization)
-        probs = engine.probabilities(x, None, config.tiling, config.tta, progress)
-        result = output_array(probs, info, config.output)
-        write_tiff(target, result)
-        written.append(target)
-        if config.overlay:
-            png = Path(out_dir) / f"{f.stem}_overlay.png"
-            write_png(png, overlay_picture(info, x, probs, result, config.output))
-            written.append(png)
-        log.info("wrote %s", target)
+            on_file(f, i, len(todo))
+        written += _predict_file(engine, info, f, out_dir, config, progress)
     return written
+
+
+def _predict_file(engine, info, path: Path, out_dir: Path, config, progress) -> list[Path]:
+    target, *overlay = outputs_of(path, out_dir, config)
+    if _streams(path, config):
+        predict_large(engine, info, path, target, config, progress=progress)
+        return [target]
+    x = normalize(read_image(path, info.net.in_channels), info.normalization)
+    probs = engine.probabilities(x, None, config.tiling, config.tta, progress)
+    result = output_array(probs, info, config.output)
+    write_tiff(target, result)
+    if overlay:
+        write_png(overlay[0], overlay_picture(info, x, probs, result, config.output))
+    log.info("wrote %s", target)
+    return [target, *overlay]

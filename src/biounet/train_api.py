@@ -62,9 +62,9 @@ def train(
     >>> model = biounet.train([image], [mask], steps=200, depth=2, base_channels=16)
     >>> model.predict(image)
     """
+    from biounet.checkpoints import DirectoryRecorder
     from biounet.io import is_model_dir
     from biounet.loop import Recorder
-    from biounet.modeldir import DirectoryRecorder
     from biounet.trainer import configs_from_options, run
 
     folders = isinstance(images, str | Path)

@@ -16,11 +16,18 @@ import numpy as np
 import torch
 
 from biounet.augment import AugmentConfig
+from biounet.checkpoints import (
+    DirectoryRecorder,
+    finite_or_none,
+    newest_checkpoint,
+    stored_train_config,
+)
 from biounet.data import DataConfig, Sample, load_sample, make_sample, split_validation
 from biounet.errors import BiounetError
 from biounet.inference import Engine
 from biounet.instances import InstanceConfig, instances_from_probabilities
 from biounet.io import (
+    CONFIG_NAME,
     is_model_dir,
     list_images,
     pair_by_stem,
@@ -31,14 +38,7 @@ from biounet.io import (
 from biounet.loop import Callback, Recorder, TrainConfig, TrainState, fit
 from biounet.metrics import instance_scores, pool_instance_scores
 from biounet.model import UNet, UNetConfig
-from biounet.modeldir import (
-    DirectoryRecorder,
-    ModelInfo,
-    default_class_names,
-    finite_or_none,
-    load_model,
-    read_checkpoint_config,
-)
+from biounet.modeldir import ModelInfo, default_class_names, load_model
 from biounet.normalize import NormalizeConfig, normalize
 from biounet.options import split_options
 from biounet.precision import resolve_precision
@@ -207,18 +207,22 @@ def run(
             "data_config": asdict(data),
         }
     )
-    state = fit(
-        model,
-        info,
-        examples.train,
-        examples.val,
-        config,
-        recorder,
-        resume=resume,
-        augment=data.augment,
-        callback=callback,
-        device=device,
-    )
+    try:
+        state = fit(
+            model,
+            info,
+            examples.train,
+            examples.val,
+            config,
+            recorder,
+            resume=resume,
+            augment=data.augment,
+            callback=callback,
+            device=device,
+        )
+    except BaseException:
+        recorder.close()
+        raise
     device = device or torch.device("cpu")
     info = info.replace(
         training=info.training
@@ -236,7 +240,10 @@ def run(
     if examples.instance_pairs:
         post = fit_postprocess(kept, info, examples.instance_pairs, data, config.precision, device)
         info = info.replace(postprocess={"instances": post.to_dict()})
-    recorder.on_end(info)
+    try:
+        recorder.on_end(info)
+    finally:
+        recorder.close()
     return kept, info, state
 
 
@@ -264,12 +271,23 @@ def train_from_folders(
     `TrainConfig` fields in `resume_overrides` (e.g. more steps).
     """
     out_dir = Path(out_dir)
-    if resume:
-        stored = read_checkpoint_config(out_dir) | (resume_overrides or {})
-        config = TrainConfig(**stored)
-        info = ModelInfo.from_dict(read_json(out_dir / "config.json"), out_dir / "config.json")
-        if info.training and info.training.get("data_config"):
-            data = DataConfig.from_dict(info.training["data_config"])
+    again = resume and newest_checkpoint(out_dir) is None
+    if again:
+        # Killed before its first checkpoint was complete: nothing to lose, start again with
+        # the settings it recorded (config.json comes just before that checkpoint).
+        log.warning("%s: no complete checkpoint yet; training from step 0", out_dir)
+        resume = False
+    if resume or (again and is_model_dir(out_dir)):
+        stored = (read_json(out_dir / CONFIG_NAME).get("training") or {}).get("train_config")
+        if resume:
+            stored = stored_train_config(out_dir)
+        config = TrainConfig(**((stored or {}) | (resume_overrides or {})))
+        info = ModelInfo.from_dict(read_json(out_dir / CONFIG_NAME), out_dir / CONFIG_NAME)
+        training = info.training or {}
+        if training.get("data_config"):
+            data = DataConfig.from_dict(training["data_config"])
+        if again and training.get("init"):
+            init = Path(training["init"])
     elif is_model_dir(out_dir) and (init is None or Path(init).resolve() != out_dir.resolve()):
         raise BiounetError(
             f"{out_dir}: already holds a model; use --resume to continue its training, "

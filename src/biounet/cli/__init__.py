@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 
 from biounet import __version__
@@ -16,6 +18,8 @@ from biounet.cli.common import as_flags
 from biounet.errors import BiounetError
 
 log = logging.getLogger("biounet")
+# Crash tests only: kill this process with SIGKILL at the Nth place a kill must be survived.
+FAULT_ENV = "BIOUNET_FAULT_AT"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    _fault_injection(os.environ.get(FAULT_ENV))
     try:
         return int(args.func(args) or 0)
     except BiounetError as exc:
@@ -55,3 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     tools.add_augment(sub)
     predict.add_parser(sub)
     return p
+
+
+def _fault_injection(value: str | None) -> None:
+    if not value:
+        return
+    from biounet.durable import set_fault_hook
+
+    target, seen = int(value), [0]
+
+    def hook(what: str) -> None:
+        seen[0] += 1
+        if seen[0] == target:
+            print(f"biounet: fault injection: killed at {what}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    set_fault_hook(hook)

@@ -65,6 +65,12 @@ def add_parser(sub) -> None:
         "the widest clump of touching cells (default %(default)s)",
     )
     q.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="leave out inputs whose outputs (and overlay, if asked) are all there: continues a "
+        "killed run (outputs appear only complete)",
+    )
+    q.add_argument(
         "--tta",
         action="store_true",
         help="average over the 8 rotations/flips of each image (8x slower, smoother borders)",
@@ -89,6 +95,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             memory_mb=args.memory_mb,
             instance_margin=args.instance_margin,
             stream=args.stream,
+            skip_existing=args.skip_existing,
         )
     except BiounetError as exc:
         raise BiounetError(as_flags(str(exc))) from None
@@ -106,6 +113,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             fraction, f"{state['file'] + 1}/{state['files']} {state['name']} tile {done}/{total}"
         )
 
+    skipped: list[Path] = []
     try:
         written = predict_files(
             model_path(args.model_dir),
@@ -115,9 +123,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
             device=parse_device(args.device),
             on_file=on_file,
             progress=on_tiles,
+            on_skip=skipped.append,
         )
     finally:
         progress.close()
     n_images = sum(1 for w in written if w.suffix == ".tif")
-    say(args, f"wrote {n_images} {args.output} file(s) to {args.out}")
+    done = f" ({len(skipped)} skipped: their outputs exist)" if skipped else ""
+    say(args, f"wrote {n_images} {args.output} file(s) to {args.out}{done}")
     return 0
