@@ -237,6 +237,8 @@ def as_channels_first(image, channels: int, channel_axis: int | None = None) -> 
         raise TypeError(f"image must hold real numbers, not {arr.dtype}")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise BiounetError("image holds NaN or infinite values; replace them before predicting")
+    if arr.dtype.kind == "f" and arr.size and np.abs(arr).max() > np.finfo(np.float32).max:
+        raise BiounetError("image holds values beyond float32's range (|x| > 3.4e38); rescale it")
     if channel_axis is not None:
         if not -arr.ndim <= channel_axis < arr.ndim:
             raise BiounetError(f"channel_axis {channel_axis} is out of range for {arr.shape}")

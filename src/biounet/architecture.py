@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass
 from biounet.errors import BiounetError
 
 PADDINGS = ("valid", "same")
+MAX_DEPTH = 12
+# 2e9 fp32 parameters are 8 GB before gradients and optimizer state: far past any U-Net use
+MAX_PARAMETERS = 2_000_000_000
 
 
 @dataclass(frozen=True)
@@ -52,12 +55,42 @@ class UNetConfig:
         for name in ("depth", "base_channels", "in_channels", "num_classes"):
             value = getattr(self, name)
             low = 0 if name == "depth" else 1
-            if not isinstance(value, int) or value < low:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise BiounetError(f"{name} must be an integer >= {low}, not {value!r}")
         if self.num_classes < 2:
             raise BiounetError("num_classes must be >= 2 (softmax over classes)")
-        if not 0.0 <= self.dropout < 1.0:
+        if self.num_classes > 256:  # masks are written as uint8 class indices
+            raise BiounetError(f"num_classes must be <= 256, not {self.num_classes}")
+        if self.depth > MAX_DEPTH:
+            raise BiounetError(
+                f"depth must be <= {MAX_DEPTH} (the smallest tile of depth {self.depth} is "
+                f"{2**self.depth} px a side), not {self.depth}"
+            )
+        if not (isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0):
             raise BiounetError(f"dropout must be in [0, 1), not {self.dropout}")
+        if self.parameter_count() > MAX_PARAMETERS:
+            raise BiounetError(
+                f"a network of depth {self.depth} and base_channels {self.base_channels} has "
+                f"{self.parameter_count():,} parameters, more than the {MAX_PARAMETERS:,} "
+                "biounet builds (the paper's has 31 million); lower `base_channels` or `depth`"
+            )
+
+    def parameter_count(self) -> int:
+        """Trainable parameters of the network, without building it (31.0 M for the paper's)."""
+        widths = [self.base_channels * 2**level for level in range(self.depth + 1)]
+        bn = self.batch_norm
+
+        def conv(cin: int, cout: int, k: int = 3) -> int:
+            return k * k * cin * cout + (2 * cout if bn and k == 3 else cout)
+
+        total = conv(self.in_channels, widths[0]) + conv(widths[0], widths[0])
+        for level in range(1, self.depth + 1):
+            total += conv(widths[level - 1], widths[level]) + conv(widths[level], widths[level])
+        for level in range(self.depth):
+            c = widths[level]
+            total += 4 * widths[level + 1] * c + c  # 2x2 up-convolution, with bias
+            total += conv(2 * c, c) + conv(c, c)
+        return total + conv(widths[0], self.num_classes, k=1)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from biounet.checks import check_number
 from biounet.errors import BiounetError
 
 # MiB of feature maps of one batch of tiles; torch and the model come on top
@@ -105,8 +106,7 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         if self.elastic_grid < 2:
             raise ValueError(f"elastic_grid must be >= 2, got {self.elastic_grid}")
-        if not self.elastic_std >= 0:
-            raise ValueError(f"elastic_std must be >= 0, got {self.elastic_std}")
+        check_number("elastic_std", self.elastic_std, low=0)
         if not self.max_shift >= 0:
             raise ValueError(f"max_shift must be >= 0, got {self.max_shift}")
         for name in ("scale_range", "gamma_range", "contrast_range", "brightness_range"):
@@ -190,8 +190,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.touching not in TOUCHING:
             raise BiounetError(f"touching must be one of {TOUCHING}, not {self.touching!r}")
-        if self.border_w0 < 0 or self.border_sigma <= 0:
-            raise BiounetError("need border w0 >= 0 and sigma > 0")
+        check_number("border_w0", self.border_w0, low=0)
+        check_number("border_sigma", self.border_sigma, low=0, low_open=True)
+        check_number("cell_class", self.cell_class, low=0, integer=True)
+        check_number("foreground", self.foreground, integer=True, none_ok=True)
 
 
 # -- optimisation (biounet.loop) ---------------------------------------------------------
@@ -239,17 +241,19 @@ class TrainConfig:
             raise BiounetError(
                 f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}"
             )
-        if isinstance(self.num_workers, bool) or self.num_workers < 0:
-            raise BiounetError(f"num_workers must be >= 0, not {self.num_workers}")
-        for name in ("steps", "batch_size", "val_every", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise BiounetError(f"{name} must be >= 1")
-        if not self.lr > 0:
-            raise BiounetError("learning rate must be > 0")
-        if not self.dice >= 0:
+        for name in ("steps", "batch_size", "tile", "val_every", "checkpoint_every", "log_every"):
+            check_number(name, getattr(self, name), low=1, integer=True)
+        check_number("num_workers", self.num_workers, low=0, integer=True)
+        check_number("seed", self.seed, low=0, integer=True)
+        check_number("lr", self.lr, low=0, low_open=True)
+        check_number("momentum", self.momentum, low=0, high=1, high_open=True)
+        check_number("weight_decay", self.weight_decay, low=0)
+        check_number("max_minutes", self.max_minutes, low=0, low_open=True, none_ok=True)
+        if not (isinstance(self.dice, int | float) and self.dice >= 0):
             raise BiounetError(
                 f"dice weight must be >= 0 (`dice` 0: the paper's loss alone), not {self.dice}"
             )
+        check_number("dice", self.dice, low=0)
 
 
 # -- prediction (biounet.inference, biounet.predict) ----------------------------------------
@@ -278,6 +282,8 @@ class Tiling:
     memory_mb: float = DEFAULT_MEMORY_MB
 
     def __post_init__(self) -> None:
+        check_number("tile", self.tile, low=1, integer=True, none_ok=True)
+        check_number("halo", self.halo, low=0, integer=True, none_ok=True)
         if isinstance(self.batch_size, bool) or self.batch_size < 1:
             raise BiounetError(f"batch size must be >= 1 (`batch_size`), not {self.batch_size}")
         if not self.memory_mb > 0 or self.memory_mb == float("inf"):
@@ -343,8 +349,8 @@ class PredictConfig:
                 "`stream` writes masks or instances only: drop `output` prob, `tta` "
                 "and `overlay`, or drop `stream`"
             )
-        if isinstance(self.instance_margin, bool) or self.instance_margin < 1:
-            raise BiounetError(f"instance_margin must be >= 1 px, not {self.instance_margin}")
+        check_number("instance_margin", self.instance_margin, low=1, integer=True)
+        check_number("stream_pixels", self.stream_pixels, low=0, integer=True)
 
     @property
     def tiling(self) -> Tiling:

@@ -22,6 +22,7 @@ import torch
 
 from biounet import weightmap
 from biounet.augment import AugmentConfig, adjust_gray, center_crop, sample_coordinates, warp
+from biounet.checks import check_number
 from biounet.configs import DataConfig
 from biounet.errors import BiounetError
 from biounet.io import read_image, read_mask
@@ -177,8 +178,7 @@ def split_validation(pairs: list, fraction: float) -> tuple[list, list]:
     A contiguous block, not a random pick, because neighbouring files are often neighbouring
     sections or fields of view whose near-duplicates would leak into validation.
     """
-    if not 0.0 <= fraction < 1.0:
-        raise BiounetError(f"validation fraction must be in [0, 1), not {fraction}")
+    check_number("val_fraction", fraction, low=0, high=1, high_open=True)
     n_val = int(round(len(pairs) * fraction))
     if fraction > 0 and n_val == 0 and len(pairs) > 1:
         n_val = 1

@@ -18,6 +18,7 @@ from biounet.errors import BiounetError
 
 __all__ = ["atomic_path", "ensure_dir"]  # and the readers and writers below
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the network computes in float32 at most
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "weights.safetensors"
@@ -48,7 +49,14 @@ def list_images(folder: Path) -> list[Path]:
 
 def pair_by_stem(images: list[Path], mask_folder: Path) -> list[tuple[Path, Path]]:
     """Match each image with the mask of the same file stem in `mask_folder`."""
-    masks = {p.stem: p for p in list_images(mask_folder)}
+    masks: dict[str, Path] = {}
+    for mask in list_images(mask_folder):
+        if mask.stem in masks:
+            raise BiounetError(
+                f"{mask}: has the same stem as {masks[mask.stem].name}; which one is the mask "
+                "is ambiguous: keep one of them in the mask folder"
+            )
+        masks[mask.stem] = mask
     pairs = []
     for image in images:
         if image.stem not in masks:
@@ -120,6 +128,10 @@ def read_image(path: Path, in_channels: int | None = None) -> np.ndarray:
         raise BiounetError(f"{path}: unsupported pixel type {arr.dtype}")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise BiounetError(f"{path}: contains NaN or infinite values; replace them before use")
+    if arr.dtype.kind == "f" and arr.size and np.abs(arr).max() > FLOAT32_MAX:
+        raise BiounetError(
+            f"{path}: holds values beyond float32's range (|x| > 3.4e38); rescale the image"
+        )
     if arr.dtype.kind == "b":  # a 1-bit TIFF: 0 and 1, as the integers they stand for
         arr = arr.astype(np.uint8)
     if in_channels is not None and arr.shape[0] != in_channels:

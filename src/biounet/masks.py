@@ -71,6 +71,11 @@ def mask_to_classes(
             )
         if values.min() < 0:
             raise BiounetError(f"{path}: instance labels must be >= 0")
+        if values.max() > np.iinfo(np.int32).max:
+            raise BiounetError(
+                f"{path}: instance label {values.max()} is beyond 2147483647; relabel the mask "
+                "with consecutive ids (e.g. skimage.segmentation.relabel_sequential)"
+            )
         return (mask > 0).astype(np.int64), mask.astype(np.int32), mask_type
     if values.min() < 0 or values.max() >= num_classes:
         raise BiounetError(

@@ -22,7 +22,15 @@ from biounet.checkpoints import (
     newest_checkpoint,
     stored_train_config,
 )
-from biounet.data import DataConfig, Sample, load_sample, make_sample, split_validation
+from biounet.checks import available_memory, check_fits
+from biounet.data import (
+    DataConfig,
+    Sample,
+    load_sample,
+    make_sample,
+    split_validation,
+    tile_geometry,
+)
 from biounet.errors import BiounetError
 from biounet.inference import Engine
 from biounet.instances import InstanceConfig, instances_from_probabilities
@@ -41,7 +49,8 @@ from biounet.model import UNet, UNetConfig
 from biounet.modeldir import ModelInfo, default_class_names, load_model
 from biounet.normalize import NormalizeConfig, normalize
 from biounet.options import split_options
-from biounet.precision import resolve_precision
+from biounet.precision import bytes_per_value, resolve_precision
+from biounet.tiling import tile_memory
 
 log = logging.getLogger(__name__)
 SEED_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -57,6 +66,8 @@ def configs_from_options(
     """
     try:
         return _configs(split_options(options), in_channels)
+    except BiounetError:
+        raise
     except ValueError as exc:  # the leaves' configs say what is wrong in their own words
         raise BiounetError(str(exc)) from None
 
@@ -122,6 +133,7 @@ def folder_examples(
     instance_pairs = [
         pair for pair, s in zip(train_pairs, train, strict=True) if s.mask_type == "instances"
     ]
+    _warn_empty(train + val)
     record = {
         "images": str(images),
         "masks": str(masks),
@@ -165,8 +177,22 @@ def array_examples(
     instance_pairs = [
         pair for pair, s in zip(train_pairs, train, strict=True) if s.mask_type == "instances"
     ]
+    _warn_empty(train + val)
     record = {"images": "arrays", "train_files": train_names, "val_files": val_names}
     return Examples(train, val, instance_pairs, record)
+
+
+def _warn_empty(samples: list[Sample]) -> None:
+    """Say which masks hold no foreground at all (a wrong --foreground or an empty export)."""
+    empty = [s.name for s in samples if not (s.classes > 0).any()]
+    if empty:
+        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        everything = (
+            " (all of them: check the foreground value and the mask type)"
+            if len(empty) == len(samples)
+            else ""
+        )
+        log.warning("%d mask(s) hold no foreground: %s%s", len(empty), shown, everything)
 
 
 def run(
@@ -188,6 +214,7 @@ def run(
 
     `init`: a network and its info to start from (`init_source` names it in the record).
     """
+    _check_training_memory(info, config, device or torch.device("cpu"))
     if init is not None and not resume:
         model, init_info = init
         info = init_info.replace(training=None, weights_dtype=info.weights_dtype)
@@ -245,6 +272,25 @@ def run(
     finally:
         recorder.close()
     return kept, info, state
+
+
+def _check_training_memory(info: ModelInfo, config: TrainConfig, device: torch.device) -> None:
+    """Refuse, before allocating, a tile, batch and network that cannot fit in memory.
+
+    Estimate: the forward pass's feature maps (`tile_memory`) three times over (the
+    backward pass keeps them and makes gradients of the same size), the float64 coordinate
+    maps of augmentation, and weights, gradients and two Adam moments.
+    """
+    geometry = tile_geometry(info.net, config.tile)
+    side = geometry.tile_in
+    precision = resolve_precision(config.precision, device)
+    maps = tile_memory(info.net, (side, side), config.batch_size, bytes_per_value(precision))
+    need = 3 * maps + 4 * 8 * side * side * config.batch_size
+    need += 16 * info.net.parameter_count()
+    cuda = device.type == "cuda"
+    free = torch.cuda.mem_get_info(device)[0] if cuda else available_memory()
+    check_fits(need, free, f"training with {config.batch_size} tile(s) of {side} px",
+               "lower `tile` or `batch_size`")  # fmt: skip
 
 
 def train_from_folders(
