@@ -111,3 +111,24 @@ def test_bad_inputs_of_other_kinds(tmp_path, capsys, caplog):
     labels[0, 0] = 2**31
     with pytest.raises(BiounetError, match="instance label 2147483648 is beyond"):
         mask_to_classes(labels, "m.tif", "instances", 2)
+
+
+def test_runs_that_cannot_fit_in_memory_are_refused_before_any_work(
+    data, tmp_path, capsys, monkeypatch
+):
+    import biounet.predict
+    import biounet.trainer
+
+    monkeypatch.setattr(biounet.predict, "available_memory", lambda: 2**10)
+    monkeypatch.setattr(biounet.trainer, "available_memory", lambda: 2**10)
+    out = tmp_path / "p"
+    argv = ["predict", data / "model", data / "i", "--out", out, "--tile", "40"]
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "GiB but 0.0 GiB are free; lower --tile or --batch-size" in err
+    assert not out.exists()
+    out = tmp_path / "t"
+    argv = ["train", "--images", data / "i", "--masks", data / "m", "--out", out]
+    assert main([str(a) for a in [*argv, "--depth", "2", "--base-channels", "4"]]) == 2
+    assert "training with 1 tile(s) of 428 px needs about" in capsys.readouterr().err
+    assert not out.exists()

@@ -46,6 +46,8 @@ class NormalizeConfig:
             raise BiounetError(
                 f"normalization method must be one of {METHODS}, not {self.method!r}"
             )
+        check_number("low", self.low, low=0, high=100)
+        check_number("high", self.high, low=0, high=100)
         if not 0.0 <= self.low < self.high <= 100.0:
             raise BiounetError(
                 f"need 0 <= low < high <= 100 percentiles, got {self.low}, {self.high}"

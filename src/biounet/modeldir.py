@@ -53,6 +53,8 @@ class ModelInfo:
     weights_dtype: str = "float32"  # storage precision of weights.safetensors (or float16)
 
     def __post_init__(self) -> None:
+        if not all(isinstance(n, str) and n for n in self.class_names):
+            raise BiounetError(f"class names must be non-empty strings, not {self.class_names}")
         if self.weights_dtype not in WEIGHT_DTYPES:
             raise BiounetError(
                 f"weights dtype must be one of {tuple(WEIGHT_DTYPES)}, not {self.weights_dtype!r}"

@@ -12,6 +12,7 @@ import numpy as np
 import tifffile
 import torch
 
+from biounet.checks import available_memory, check_fits
 from biounet.configs import PredictConfig
 from biounet.durable import fault_point, remove_leftovers, temp_prefix
 from biounet.errors import BiounetError
@@ -27,8 +28,8 @@ from biounet.model import UNet
 from biounet.modeldir import ModelInfo, load_model
 from biounet.normalize import normalize
 from biounet.plots import instance_overlay, overlay, to_uint8
-from biounet.precision import default_device, resolve_precision
-from biounet.tiling import TilePlan, plan_for, plan_tiles
+from biounet.precision import bytes_per_value, default_device, resolve_precision
+from biounet.tiling import TilePlan, plan_for, plan_tiles, tile_memory
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +273,16 @@ def instance_config(info: ModelInfo) -> InstanceConfig:
     return InstanceConfig()
 
 
+def _check_tile_memory(info: ModelInfo, config: PredictConfig, image_shape, device) -> None:
+    """Refuse, before any work, an explicit tile whose batch cannot fit in memory."""
+    precision = resolve_precision(config.precision, device)
+    shape = plan_for(info.net, image_shape, config.tiling, precision).tile_shape
+    need = tile_memory(info.net, shape, config.batch_size, bytes_per_value(precision))
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
+    check_fits(need, free, f"predicting {config.batch_size} tile(s) of {shape[0]} px",
+               "lower `tile` or `batch_size`, or leave `tile` out")  # fmt: skip
+
+
 def outputs_of(path: Path, out_dir: Path, config: PredictConfig) -> list[Path]:
     """The files that predicting `path` writes: ``STEM.tif``, and ``STEM_overlay.png``."""
     target = Path(out_dir) / f"{path.stem}.tif"
@@ -312,8 +323,15 @@ def predict_files(
             if on_skip is not None:
                 on_skip(f)
             continue
-        if not _streams(f, config):
-            read_image(f, info.net.in_channels)
+        if _streams(f, config):
+            from biounet.io import LazyImage
+
+            with LazyImage(f) as lazy:
+                shape = lazy.shape[1:]
+        else:
+            shape = read_image(f, info.net.in_channels).shape[1:]
+        if config.tile is not None:
+            _check_tile_memory(info, config, shape, device or default_device())
         todo.append(f)
     ensure_dir(Path(out_dir))
     remove_leftovers(Path(out_dir))
