@@ -37,6 +37,7 @@ from biounet.durable import (
     fault_point,
     fsync_dir,
     fsync_file,
+    process_alive,
     remove_leftovers,
     temp_prefix,
 )
@@ -313,7 +314,7 @@ def acquire_lock(out_dir: Path) -> Path:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             holder = _read_lock(path)
-            if holder.get("host") == host and not _pid_alive(holder.get("pid")):
+            if holder.get("host") == host and not process_alive(holder.get("pid")):
                 path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
             raise BiounetError(
@@ -338,15 +339,3 @@ def _read_lock(path: Path) -> dict:
         return json.loads(path.read_text() or "{}")
     except (OSError, json.JSONDecodeError):
         return {}
-
-
-def _pid_alive(pid) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

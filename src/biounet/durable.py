@@ -86,7 +86,7 @@ def remove_leftovers(folder: Path) -> int:
     removed = 0
     for entry in folder.iterdir():
         match = _LEFTOVER.match(entry.name)
-        if not match or match["host"] != host or _alive(int(match["pid"])):
+        if not match or match["host"] != host or process_alive(int(match["pid"])):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
@@ -96,7 +96,10 @@ def remove_leftovers(folder: Path) -> int:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid) -> bool:
+    """Whether process `pid` runs on this host (ours counts; an unknown pid does not)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
     if pid == os.getpid():
         return True
     try:
