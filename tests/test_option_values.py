@@ -132,3 +132,33 @@ def test_runs_that_cannot_fit_in_memory_are_refused_before_any_work(
     assert main([str(a) for a in [*argv, "--depth", "2", "--base-channels", "4"]]) == 2
     assert "training with 1 tile(s) of 428 px needs about" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("base_channels", 100000, "parameters, more than the 2,000,000,000"),
+        ("depth", 20, "depth must be <= 12"),
+        ("depth", True, "depth must be an integer"),
+        ("num_classes", 1000, "num_classes must be <= 256"),
+    ],
+)
+def test_model_configs_that_cannot_be_built_are_refused(data, tmp_path, capsys, key, value, words):
+    import json
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(data / "model", model)
+    config = json.loads((model / "config.json").read_text())
+    config[key] = value
+    (model / "config.json").write_text(json.dumps(config))
+    assert main(["info", str(model)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config.json: invalid model config" in err[0] and words in err[0]
+
+
+def test_a_training_tile_far_beyond_memory_is_refused(data, tmp_path, capsys):
+    out = tmp_path / "t"
+    argv = ["train", "--images", data / "i", "--masks", data / "m", "--out", out]
+    assert main([str(a) for a in [*argv, "--tile", "100000"]]) == 2
+    assert "needs about" in capsys.readouterr().err and not out.exists()
