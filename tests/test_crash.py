@@ -185,3 +185,21 @@ def test_leftovers_of_dead_writers_are_removed_and_nothing_else(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [mine.name, f".d.tif.otherhost-{pid}.r1t2y3.part", ".notes.part", "e.tif"]
     )
+
+
+def test_a_checkpoint_of_the_older_layout_resumes(folders, tmp_path, capsys):
+    """Before step-N folders, the checkpoint was a plain checkpoints/last/ folder."""
+    train = ["train", "--images", folders / "i", "--masks", folders / "m", *TRAIN]
+    assert main([str(a) for a in [*train, "--out", tmp_path / "ref"]]) == 0
+    out = tmp_path / "old"
+    assert main([str(a) for a in [*train, "--out", out, "--steps", "4"]]) == 0
+    root = out / "checkpoints"
+    target = (root / "last").resolve()
+    (root / "last").unlink()
+    target.rename(root / "last")  # the older layout: a real folder, no step-N
+    assert main([str(a) for a in [*train, "--out", out, "--resume"]]) == 0
+    capsys.readouterr()
+    assert (root / "last").is_symlink()
+    assert sorted(p.name for p in root.iterdir()) == ["last", "step-000000006"]
+    ref = (tmp_path / "ref" / "checkpoints" / "last" / "model.safetensors").read_bytes()
+    assert (root / "last" / "model.safetensors").read_bytes() == ref

@@ -135,6 +135,11 @@ def save_checkpoint(out_dir: Path, model: UNet, optimizer: torch.optim.Optimizer
         raise BiounetError(f"{out_dir}: the weights are not finite; no checkpoint written")
     root = ensure_dir(Path(out_dir) / CHECKPOINTS)
     name = f"{STEP_PREFIX}{state.step:09d}"
+    if (root / name / "state.json").is_file():
+        # Saved already (a stop right after a checkpoint step): no update came since, and
+        # replacing it would leave a moment without any complete checkpoint.
+        _point_last_at(root, name)
+        return
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(name), suffix=".tmp", dir=root))
     stamp = {"step": str(state.step)}
     save_tensors(tmp / "model.safetensors", model.state_dict(), metadata=stamp)
@@ -156,7 +161,7 @@ def save_checkpoint(out_dir: Path, model: UNet, optimizer: torch.optim.Optimizer
     fsync_dir(tmp)
     fault_point(f"checkpoint {name} written")
     final = root / name
-    if final.exists():  # the same step saved again (a stop right after a checkpoint step)
+    if final.exists():  # an incomplete folder of this name (not one of ours): make way
         shutil.rmtree(final)
     os.rename(tmp, final)
     fsync_dir(root)
@@ -196,16 +201,18 @@ def _point_last_at(root: Path, name: str) -> None:
 
 
 def newest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder: ``last`` if it is one, else the highest step."""
+    """The newest complete checkpoint folder: the highest ``step-N`` (each appears only by
+    the rename of a complete folder, so ``last`` may trail it after a kill), else a
+    ``last`` folder written by an older biounet."""
     root = Path(out_dir) / CHECKPOINTS
-    last = root / LAST
-    if (last / "state.json").is_file():
-        return last
     steps = sorted(
         (d for d in root.glob(f"{STEP_PREFIX}*") if (d / "state.json").is_file()),
         key=lambda d: d.name,
     )
-    return steps[-1] if steps else None
+    if steps:
+        return steps[-1]
+    last = root / LAST
+    return last if (last / "state.json").is_file() else None
 
 
 def stored_train_config(out_dir: Path) -> dict:
