@@ -203,3 +203,48 @@ def test_a_checkpoint_of_the_older_layout_resumes(folders, tmp_path, capsys):
     assert sorted(p.name for p in root.iterdir()) == ["last", "step-000000006"]
     ref = (tmp_path / "ref" / "checkpoints" / "last" / "model.safetensors").read_bytes()
     assert (root / "last" / "model.safetensors").read_bytes() == ref
+
+
+def test_skip_existing_redoes_outputs_of_another_kind(tmp_path, capsys):
+    model = tmp_path / "model"
+    assert main(["init", str(model), "--depth", "2", "--base-channels", "4"]) == 0
+    iio.imwrite(tmp_path / "a.png", np.zeros((30, 30), np.uint8))
+    base = ["predict", model, tmp_path / "a.png", "--out", tmp_path / "o", "--skip-existing"]
+    assert main([str(a) for a in base]) == 0  # a mask
+    assert main([str(a) for a in [*base, "--output", "prob"]]) == 0
+    assert "skipped" not in capsys.readouterr().out  # the mask is no probability map
+    assert tifffile.imread(tmp_path / "o" / "a.tif").dtype == np.float32
+
+
+def test_resume_into_a_folder_without_a_training_is_refused(folders, tmp_path, capsys):
+    train = ["train", "--images", folders / "i", "--masks", folders / "m", *TRAIN]
+    assert main([str(a) for a in [*train, "--out", tmp_path / "typo", "--resume"]]) == 2
+    assert "no training to resume here" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
+
+
+def test_fine_tuning_in_place_starts_its_own_checkpoints(folders, tmp_path, capsys):
+    train = ["train", "--images", folders / "i", "--masks", folders / "m", *TRAIN]
+    out = tmp_path / "m"
+    assert main([str(a) for a in [*train, "--out", out]]) == 0
+    again = [*train, "--out", out, "--init", out, "--steps", "2"]
+    assert main([str(a) for a in again]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last", "step-000000002"]
+    with (out / "training.csv").open() as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [2]
+
+
+def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(folders, tmp_path):
+    train = ["train", "--images", folders / "i", "--masks", folders / "m", *TRAIN]
+    assert _cli([*train, "--out", tmp_path / "ref"]).returncode == 0
+    out = tmp_path / "m"
+    stopped = _cli([*train, "--out", out], fault="20:INT")  # in the middle of the run
+    assert stopped.returncode == 130, stopped.stderr
+    assert "stopping after this step" in stopped.stderr
+    assert _cli([*train, "--out", out, "--resume"]).returncode == 0
+    ref = (tmp_path / "ref" / "checkpoints" / "last" / "model.safetensors").read_bytes()
+    assert (out / "checkpoints" / "last" / "model.safetensors").read_bytes() == ref
+    assert (out / "weights.safetensors").read_bytes() == (
+        tmp_path / "ref" / "weights.safetensors"
+    ).read_bytes()

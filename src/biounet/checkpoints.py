@@ -100,9 +100,23 @@ class DirectoryRecorder:
         write_json(self.out_dir / CONFIG_NAME, info.to_dict())
 
     def restore(self, model: UNet, optimizer: torch.optim.Optimizer) -> dict:
-        return load_checkpoint(self.out_dir, model, optimizer)
+        state = load_checkpoint(self.out_dir, model, optimizer)
+        # A kill may have left `last` on an older checkpoint than the one resumed from.
+        folder = newest_checkpoint(self.out_dir)
+        if folder is not None and folder.name.startswith(STEP_PREFIX):
+            _point_last_at(folder.parent, folder.name)
+            _remove_other_steps(folder.parent, folder.name)
+        return state
 
     def on_start(self) -> None:
+        # A fresh training (e.g. fine-tuning in place): the checkpoints of the earlier one go
+        # first, by one rename, so no kill can make --resume continue the earlier training.
+        old = self.out_dir / CHECKPOINTS
+        if old.exists():
+            gone = self.out_dir / f"{temp_prefix(CHECKPOINTS)}old.tmp"
+            os.rename(old, gone)
+            fsync_dir(self.out_dir)
+            shutil.rmtree(gone, ignore_errors=True)
         rewrite_log(self.out_dir / LOG_NAME, 0)
 
     def on_row(self, row: dict) -> None:
@@ -168,8 +182,12 @@ def save_checkpoint(out_dir: Path, model: UNet, optimizer: torch.optim.Optimizer
     fault_point(f"checkpoint {name} in place")
     _point_last_at(root, name)
     fault_point(f"checkpoint {name} is last")
+    _remove_other_steps(root, name)
+
+
+def _remove_other_steps(root: Path, keep: str) -> None:
     for old in root.iterdir():
-        if old.name.startswith(STEP_PREFIX) and old.name != name:
+        if old.name.startswith(STEP_PREFIX) and old.name != keep:
             shutil.rmtree(old, ignore_errors=True)
     fsync_dir(root)
 
@@ -315,24 +333,28 @@ def acquire_lock(out_dir: Path) -> Path:
     """
     path = Path(out_dir) / LOCK_NAME
     host = socket.gethostname()
-    mine = json.dumps({"host": host, "pid": os.getpid()})
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            holder = _read_lock(path)
-            if holder.get("host") == host and not process_alive(holder.get("pid")):
-                path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            raise BiounetError(
-                f"{out_dir}: another training is writing this model directory (process "
-                f"{holder.get('pid')} on {holder.get('host')}); wait for it, or delete "
-                f"{path} if that process is gone"
-            ) from None
-        with os.fdopen(fd, "w") as f:
-            f.write(mine)
-        return path
-    raise BiounetError(f"{path}: cannot take the lock; delete it if no training runs")
+    # Written whole under a temporary name, then linked into place: the lock never exists
+    # without its holder's name in it, and the link fails if another process holds it.
+    tmp = Path(out_dir) / f"{temp_prefix(LOCK_NAME)}mine.tmp"
+    tmp.write_text(json.dumps({"host": host, "pid": os.getpid()}))
+    try:
+        for _ in range(2):
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                holder = _read_lock(path)
+                if holder.get("host") == host and not process_alive(holder.get("pid")):
+                    path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                raise BiounetError(
+                    f"{out_dir}: another training is writing this model directory (process "
+                    f"{holder.get('pid')} on {holder.get('host')}); wait for it, or delete "
+                    f"{path} if that process is gone"
+                ) from None
+        raise BiounetError(f"{path}: cannot take the lock; delete it if no training runs")
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def release_lock(path: Path) -> None:
@@ -342,7 +364,10 @@ def release_lock(path: Path) -> None:
 
 
 def _read_lock(path: Path) -> dict:
+    """The holder named in a lock; an unreadable one (hand-made) counts as this host's dead
+    process, so it is taken over."""
     try:
-        return json.loads(path.read_text() or "{}")
+        holder = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-        return {}
+        holder = None
+    return holder if isinstance(holder, dict) else {"host": socket.gethostname(), "pid": None}

@@ -246,16 +246,17 @@ class TrainConfig:
         for name in ("steps", "batch_size", "tile", "val_every", "checkpoint_every", "log_every"):
             check_number(name, getattr(self, name), low=1, integer=True)
         check_number("num_workers", self.num_workers, low=0, integer=True)
-        check_number("seed", self.seed, low=0, integer=True)
+        check_number("seed", self.seed, low=0, high=2**32 - 1, integer=True)
         check_number("lr", self.lr, low=0, low_open=True)
         check_number("momentum", self.momentum, low=0, high=1, high_open=True)
         check_number("weight_decay", self.weight_decay, low=0)
         check_number("max_minutes", self.max_minutes, low=0, low_open=True, none_ok=True)
-        if not (isinstance(self.dice, int | float) and self.dice >= 0):
+        try:
+            check_number("dice", self.dice, low=0)
+        except BiounetError:
             raise BiounetError(
                 f"dice weight must be >= 0 (`dice` 0: the paper's loss alone), not {self.dice}"
-            )
-        check_number("dice", self.dice, low=0)
+            ) from None
 
 
 # -- prediction (biounet.inference, biounet.predict) ----------------------------------------

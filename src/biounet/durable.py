@@ -44,7 +44,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         fsync_file(Path(tmp))
         fault_point(f"rename {path.name}")
         os.replace(tmp, path)
@@ -146,3 +146,6 @@ def ensure_dir(folder: Path) -> Path:
     except OSError as exc:
         raise BiounetError(f"{folder}: cannot create this folder ({exc.strerror})") from None
     return folder
+
+
+_UMASK = _umask()  # read once: setting it to read it is not thread-safe

@@ -194,8 +194,9 @@ def fit(
                 checkpoint()
                 break
     except KeyboardInterrupt:
-        if state.step > 0:
-            checkpoint()
+        # Raised at any instant, possibly between an update and `state.step`: no checkpoint
+        # here, the last complete one stands. (`biounet train` turns Ctrl-C into a stop at the
+        # next step, which the callback reports and which does save one.)
         raise
     if state.skipped:
         log.warning("%d of %d updates skipped for a non-finite loss or gradient",

@@ -289,6 +289,24 @@ def outputs_of(path: Path, out_dir: Path, config: PredictConfig) -> list[Path]:
     return [target, Path(out_dir) / f"{path.stem}_overlay.png"] if config.overlay else [target]
 
 
+def _done(path: Path, out_dir: Path, config: PredictConfig, info: ModelInfo) -> bool:
+    """All outputs of `path` exist, and the TIFF is of the kind asked for (a mask is not taken
+    for the probabilities of another run). Outputs appear only complete (`atomic_path`)."""
+    outputs = outputs_of(path, out_dir, config)
+    if not all(o.is_file() for o in outputs):
+        return False
+    try:
+        with tifffile.TiffFile(outputs[0]) as tif:
+            shape, dtype = tif.series[0].shape, np.dtype(tif.series[0].dtype)
+    except Exception:  # unreadable: predict it again
+        return False
+    if config.output == "prob":
+        return dtype == np.float32 and len(shape) == 3 and shape[0] == info.net.num_classes
+    if config.output == "mask":
+        return dtype == np.uint8 and len(shape) == 2
+    return dtype in (np.uint16, np.uint32) and len(shape) == 2
+
+
 def predict_files(
     model_dir: Path,
     inputs: list[str | Path],
@@ -319,7 +337,7 @@ def predict_files(
                 f"{f}: its output {Path(out_dir) / (f.stem + '.tif')} would overwrite an input; "
                 "choose another `out` folder"
             )
-        if config.skip_existing and all(o.is_file() for o in outputs_of(f, out_dir, config)):
+        if config.skip_existing and _done(f, out_dir, config, info):
             if on_skip is not None:
                 on_skip(f)
             continue

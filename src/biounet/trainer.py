@@ -17,6 +17,8 @@ import torch
 
 from biounet.augment import AugmentConfig
 from biounet.checkpoints import (
+    CHECKPOINTS,
+    LOCK_NAME,
     DirectoryRecorder,
     finite_or_none,
     newest_checkpoint,
@@ -247,9 +249,13 @@ def run(
             callback=callback,
             device=device,
         )
-    except BaseException:
-        recorder.close()
-        raise
+        return _finish(examples, info, config, data, recorder, state, device)
+    finally:
+        recorder.close()  # the lock, whatever happened
+
+
+def _finish(examples, info, config, data, recorder, state, device):
+    """The training record, the kept network and its post-processing, after `fit`."""
     device = device or torch.device("cpu")
     info = info.replace(
         training=info.training
@@ -267,10 +273,7 @@ def run(
     if examples.instance_pairs:
         post = fit_postprocess(kept, info, examples.instance_pairs, data, config.precision, device)
         info = info.replace(postprocess={"instances": post.to_dict()})
-    try:
-        recorder.on_end(info)
-    finally:
-        recorder.close()
+    recorder.on_end(info)
     return kept, info, state
 
 
@@ -317,6 +320,9 @@ def train_from_folders(
     `TrainConfig` fields in `resume_overrides` (e.g. more steps).
     """
     out_dir = Path(out_dir)
+    started = any((out_dir / n).exists() for n in (CONFIG_NAME, CHECKPOINTS, LOCK_NAME))
+    if resume and not started:
+        raise BiounetError(f"{out_dir}: no training to resume here; check `out`, or drop `resume`")
     again = resume and newest_checkpoint(out_dir) is None
     if again:
         # Killed before its first checkpoint was complete: nothing to lose, start again with

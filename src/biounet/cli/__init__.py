@@ -67,12 +67,15 @@ def _fault_injection(value: str | None) -> None:
         return
     from biounet.durable import set_fault_hook
 
-    target, seen = int(value), [0]
+    # "N" kills at the Nth place (SIGKILL); "N:INT" sends SIGINT there instead (Ctrl-C).
+    at, _, name = value.partition(":")
+    target, seen = int(at), [0]
+    sig = signal.Signals[f"SIG{name or 'KILL'}"]
 
     def hook(what: str) -> None:
         seen[0] += 1
         if seen[0] == target:
-            print(f"biounet: fault injection: killed at {what}", file=sys.stderr, flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
+            print(f"biounet: fault injection: {sig.name} at {what}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), sig)
 
     set_fault_hook(hook)

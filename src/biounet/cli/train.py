@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -159,8 +161,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise BiounetError(as_flags(str(exc))) from None
     progress = Progress(args)
     t0 = time.monotonic()
+    stop = _StopOnInterrupt()
 
-    def on_step(s) -> None:
+    def on_step(s) -> bool:
         fraction = s.step / s.steps
         if config.max_minutes:  # whichever of --steps and --max-minutes ends first
             fraction = max(fraction, (time.monotonic() - t0) / (60 * config.max_minutes))
@@ -168,6 +171,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if s.val:
             text += f" val Dice {s.val['dice']:.3f}"
         progress.update(fraction, text, force=s.val is not None)
+        return not stop.requested  # Ctrl-C: checkpoint at this step boundary, then stop
 
     try:
         state = train_from_folders(
@@ -193,8 +197,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     finally:
         progress.close()
+        stop.restore()
+    if stop.requested:
+        raise KeyboardInterrupt  # after its checkpoint: --resume continues from there
     skipped = f" ({state.skipped} updates skipped: non-finite loss)" if state.skipped else ""
     best = state.best_val_dice
     scored = f", best validation Dice {best:.3f}" if math.isfinite(best) else ""
     say(args, f"trained {state.step} steps{skipped}{scored}; model in {args.out}")
     return 0
+
+
+class _StopOnInterrupt:
+    """The first Ctrl-C asks training to stop at the next step boundary (with a checkpoint);
+    a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("biounet: stopping after this step (Ctrl-C again to abort)", file=sys.stderr)
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGINT, self._previous)
