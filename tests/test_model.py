@@ -7,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from biounet.errors import BiounetError
-from biounet.model import UNet, UNetConfig
+from biounet.model import BatchDropout2d, UNet, UNetConfig
 
 
 def test_paper_configuration_has_23_convs_31m_parameters_and_maps_572_to_388():
@@ -75,7 +75,7 @@ def test_he_initialisation_std():
 def test_options_batch_norm_and_dropout():
     net = UNet(UNetConfig(depth=2, base_channels=4, batch_norm=True, dropout=0.5))
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
-    assert isinstance(net.dropout, torch.nn.Dropout2d)
+    assert isinstance(net.dropout, BatchDropout2d)
     with torch.no_grad():
         assert net.eval()(torch.zeros(1, 1, 44, 44)).shape == (1, 2, 4, 4)
 
@@ -190,3 +190,18 @@ def test_peak_activations_grow_faster_than_the_tile_area():
     assert per_pixel == sorted(per_pixel)  # the output share of the tile grows
     with pytest.raises(BiounetError, match="not valid"):
         cfg.peak_activations(573, 572)
+
+
+def test_dropout_rows_of_a_global_batch():
+    """A process holding rows 2:4 of a batch of 4 drops what one process with all 4 drops."""
+    drop = BatchDropout2d(0.5).train()
+    x = torch.rand(4, 6, 5, 5) + 1
+    torch.manual_seed(7)
+    whole = drop(x)
+    kept = whole != 0
+    assert torch.equal(kept, kept[:, :, :1, :1].expand_as(kept))  # whole channels dropped
+    assert torch.allclose(whole[kept], 2 * x[kept])  # survivors scaled by 1 / (1 - p)
+    drop.rows = (2, 4)
+    torch.manual_seed(7)
+    assert torch.equal(drop(x[2:4]), whole[2:4])
+    assert torch.equal(drop.eval()(x), x)

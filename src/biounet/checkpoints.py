@@ -45,6 +45,7 @@ from biounet.errors import BiounetError
 from biounet.io import CONFIG_NAME, load_tensors, read_json, save_tensors, tensor_metadata
 from biounet.model import UNet
 from biounet.modeldir import ModelInfo, load_model, load_weights, save_model
+from biounet.optimizer import load_optimizer_parts, optimizer_parts
 from biounet.plots import training_curves
 
 CHECKPOINTS = "checkpoints"
@@ -157,7 +158,7 @@ def save_checkpoint(out_dir: Path, model: UNet, optimizer: torch.optim.Optimizer
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(name), suffix=".tmp", dir=root))
     stamp = {"step": str(state.step)}
     save_tensors(tmp / "model.safetensors", model.state_dict(), metadata=stamp)
-    tensors, meta = _optimizer_parts(optimizer)
+    tensors, meta = optimizer_parts(optimizer)
     save_tensors(tmp / "optimizer.safetensors", tensors, metadata=stamp)
     state_json = {
         "step": state.step,
@@ -190,19 +191,6 @@ def _remove_other_steps(root: Path, keep: str) -> None:
         if old.name.startswith(STEP_PREFIX) and old.name != keep:
             shutil.rmtree(old, ignore_errors=True)
     fsync_dir(root)
-
-
-def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """The optimizer's state as tensors (safetensors) and the rest (JSON)."""
-    tensors, scalars = {}, {}
-    opt_state = optimizer.state_dict()
-    for idx, entries in opt_state["state"].items():
-        for key, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value
-            else:
-                scalars.setdefault(str(idx), {})[key] = value
-    return tensors, {"param_groups": opt_state["param_groups"], "scalars": scalars}
 
 
 def _point_last_at(root: Path, name: str) -> None:
@@ -260,14 +248,9 @@ def load_checkpoint(out_dir: Path, model: UNet, optimizer: torch.optim.Optimizer
                 "checkpoints/ to restart"
             )
     load_weights(model, folder / "model.safetensors")
-    tensors = load_tensors(folder / "optimizer.safetensors")
-    opt_state: dict = {"state": {}, "param_groups": meta["optimizer"]["param_groups"]}
-    for name, value in tensors.items():
-        idx, key = name.split(".", 1)
-        opt_state["state"].setdefault(int(idx), {})[key] = value
-    for idx, entries in meta["optimizer"]["scalars"].items():
-        opt_state["state"].setdefault(int(idx), {}).update(entries)
-    optimizer.load_state_dict(opt_state)
+    load_optimizer_parts(
+        optimizer, load_tensors(folder / "optimizer.safetensors"), meta["optimizer"]
+    )
     step = int(meta["step"])
     rewrite_log(Path(out_dir) / LOG_NAME, step)
     best = meta.get("best_val_dice")

@@ -25,12 +25,22 @@ from biounet.data import (
     TileDataset,
     tile_geometry,
 )
+from biounet.distributed import (
+    SOLO,
+    World,
+    any_over,
+    check_parallel,
+    parallel,
+    share_restored,
+    sum_over,
+)
 from biounet.errors import BiounetError
 from biounet.inference import Engine
-from biounet.losses import segmentation_loss
+from biounet.losses import segmentation_loss, soft_dice_loss, weighted_cross_entropy
 from biounet.metrics import dice_from_counts
 from biounet.model import UNet
 from biounet.modeldir import ModelInfo
+from biounet.optimizer import make_optimizer
 from biounet.precision import autocast, memory_format, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -86,17 +96,6 @@ class TrainState:
 Callback = Callable[[StepInfo], bool | None]
 
 
-def make_optimizer(model: UNet, config: TrainConfig) -> torch.optim.Optimizer:
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            model.parameters(),
-            lr=config.lr,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-        )
-    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-
-
 def fit(
     model: UNet,
     info: ModelInfo,
@@ -109,6 +108,7 @@ def fit(
     augment: AugmentConfig | None = None,
     callback: Callback | None = None,
     device: torch.device | None = None,
+    world: World = SOLO,
 ) -> TrainState:
     """Train `model` in place: a loop over steps that writes nothing itself.
 
@@ -132,19 +132,31 @@ def fit(
     callback : callable(StepInfo) -> bool or None, optional
         Called after each step; returning False stops after a checkpoint.
     device : torch.device, optional
+    world : World, optional
+        This process's place in a data-parallel training (`biounet.distributed`): the
+        processes split each step's ``config.batch_size`` tiles (the global batch) and
+        average their gradients, so they train the model one process would. Only rank 0
+        validates and reports to `recorder`.
 
     Returns
     -------
     TrainState
     """
     device = device or torch.device("cpu")
+    check_parallel(info, config, device, world)
     precision = resolve_precision(config.precision, device)
     log.info("training on %s in %s", device, precision)
     model.to(device).to(memory_format=memory_format(precision))
     optimizer = make_optimizer(model, config)
+    if not world.main:
+        recorder, val_samples = Recorder(), []  # rank 0 writes, logs and validates
     recorder.bind(info)
-    state = TrainState(**recorder.restore(model, optimizer)) if resume else TrainState()
-    loader = _loader(train_samples, info, config, augment, state.step)
+    if resume:
+        state = TrainState(**share_restored(world, recorder, model, optimizer))
+    else:
+        state = TrainState()
+    net = parallel(model, world, device, config.batch_size)
+    loader = _loader(train_samples, info, config, augment, state.step, world)
     # fp16 gradients underflow without loss scaling; a disabled scaler is a no-op otherwise.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     meter = _Meter(state.elapsed_s)
@@ -163,12 +175,17 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * lr_factor(config, step - 1, meter.elapsed())
             batch = _to_device(batch, device, precision)
-            loss = _guarded_step(model, optimizer, scaler, batch, config, precision, device, step)
+            loss = _guarded_step(net, optimizer, scaler, batch, config, precision, device, step,
+                                 world)  # fmt: skip
             state.step = step  # weights and optimizer now belong to `step` (for Ctrl-C saves)
             _count_skips(state, loss, config)
-            meter.add(loss, len(batch[0]))
-            budget_spent = config.max_minutes is not None and (
-                meter.elapsed() >= 60 * config.max_minutes
+            meter.add(loss, config.batch_size)
+            # Rank 0's clock decides for all: every process must take the same last step.
+            (budget_spent,) = any_over(
+                world,
+                world.main
+                and config.max_minutes is not None
+                and meter.elapsed() >= 60 * config.max_minutes,
             )
             last = step == config.steps or budget_spent
             val = None
@@ -190,7 +207,8 @@ def fit(
                 break
             report = StepInfo(step, config.steps, math.nan if loss is None else loss,
                               meter.step_speed(), val)  # fmt: skip
-            if callback is not None and callback(report) is False:
+            (stop,) = any_over(world, callback is not None and callback(report) is False)
+            if stop:  # asked for in any process (Ctrl-C reaches them all)
                 checkpoint()
                 break
     except KeyboardInterrupt:
@@ -210,12 +228,16 @@ def _loader(
     config: TrainConfig,
     augment: AugmentConfig | None,
     done: int,
+    world: World = SOLO,
 ) -> torch.utils.data.DataLoader:
-    """Batches of the steps after `done`: step s draws tiles s * B ... (s + 1) * B - 1."""
+    """Batches of the steps after `done`: step s draws tiles s * B ... (s + 1) * B - 1 (B the
+    global batch), of which rank r of N takes the r-th of N equal parts."""
     geometry = tile_geometry(info.net, config.tile)
-    dataset = TileDataset(samples, geometry, config.seed, config.steps * config.batch_size, augment)
+    b = config.batch_size
+    dataset = TileDataset(samples, geometry, config.seed, config.steps * b, augment)
+    part = b // world.size
     batches = [
-        list(range(s * config.batch_size, (s + 1) * config.batch_size))
+        list(range(s * b + world.rank * part, s * b + (world.rank + 1) * part))
         for s in range(done, config.steps)
     ]
     return torch.utils.data.DataLoader(
@@ -314,6 +336,7 @@ def _guarded_step(
     precision: str,
     device: torch.device,
     step: int,
+    world: World = SOLO,
 ) -> float | None:
     """One update from `batch`; returns its loss, or None when the update was skipped.
 
@@ -329,16 +352,35 @@ def _guarded_step(
         optimizer.zero_grad(set_to_none=True)
         with autocast(precision, device):
             logits = model(image)
-        loss = segmentation_loss(logits, target, weight, config.dice)
-        if not torch.isfinite(loss):
+        objective, loss = _objective(logits, target, weight, config.dice, world)
+        if not torch.isfinite(loss):  # the global batch's loss: every process agrees
             continue
-        scaler.scale(loss).backward()
+        scaler.scale(objective).backward()  # under DDP: gradients averaged over processes
         if scaler.is_enabled() or _finite_grads(model):
             scaler.step(optimizer)
             scaler.update()
             return loss.item()
     optimizer.zero_grad(set_to_none=True)
     return None
+
+
+def _objective(logits, target, weight, dice: float, world: World):
+    """What to differentiate, and the loss of the global batch (the same in every process).
+
+    One process: both are `segmentation_loss`. Under DDP, whose gradient is the mean of the
+    processes' gradients: each process's cross-entropy (a mean over equally many pixels)
+    averages to the global one; the Dice of the pooled sums enters N times, since each
+    process's gradient carries only its own pixels' part of it.
+    """
+    if not world.distributed:
+        loss = segmentation_loss(logits, target, weight, dice)
+        return loss, loss.detach()
+    ce = weighted_cross_entropy(logits, target, weight)
+    loss = sum_over(world, ce) / world.size
+    if dice <= 0:
+        return ce, loss
+    term = soft_dice_loss(logits, target, weight, pool=lambda t: sum_over(world, t))
+    return ce + dice * world.size * term, loss + dice * term.detach()
 
 
 def _finite_grads(model: UNet) -> bool:

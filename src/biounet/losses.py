@@ -5,6 +5,8 @@ Optionally plus a soft Dice term (not in the paper; MONAI's DiceCELoss adds one)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -32,7 +34,11 @@ def weighted_cross_entropy(
 
 
 def soft_dice_loss(
-    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-5,
+    pool: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``1 - mean over classes of 2 |P ∩ T| / (|P| + |T|)``, with softmax probabilities as P.
 
@@ -44,6 +50,10 @@ def soft_dice_loss(
     logits : Tensor, shape (B, K, h, w), float
     target : Tensor, shape (B, h, w), int64 class indices in [0, K)
     weight : Tensor, shape (B, h, w), float
+    pool : callable, optional
+        Sums a tensor over the processes of a data-parallel training (each holding a part of
+        the global batch). The Dice is then the global batch's, and this process's gradient
+        its own part of the global Dice's gradient.
 
     Returns
     -------
@@ -56,6 +66,12 @@ def soft_dice_loss(
     dims = (0, 2, 3)
     inter = (prob * onehot).sum(dims)
     sizes = prob.sum(dims) + onehot.sum(dims)
+    if pool is not None:
+        # The other processes' sums enter as constants: the value is the global one, the
+        # gradient flows only through this process's own pixels.
+        own = torch.stack([inter, sizes])
+        own = own + (pool(own.detach()) - own.detach())
+        inter, sizes = own[0], own[1]
     return 1.0 - ((2 * inter + eps) / (sizes + eps)).mean()
 
 

@@ -50,6 +50,28 @@ class Up(nn.Module):
         return self.conv(torch.cat([center_crop(skip, x.shape[-2:]), x], dim=1))
 
 
+class BatchDropout2d(nn.Module):
+    """Channel dropout (as `nn.Dropout2d`) whose masks can be rows of a larger batch's.
+
+    In data-parallel training each process holds rows ``offset : offset + B`` of a global
+    batch of ``total`` rows (`rows`). Drawing the global batch's masks and keeping those
+    rows makes N processes drop exactly the channels one process with the whole batch drops.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+        self.rows: tuple[int, int] | None = None  # (offset, total); None: the batch itself
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        offset, total = self.rows or (0, x.shape[0])
+        keep = torch.empty((total, x.shape[1], 1, 1), dtype=x.dtype, device=x.device)
+        keep.bernoulli_(1.0 - self.p)
+        return x * keep[offset : offset + x.shape[0]] / (1.0 - self.p)
+
+
 class UNet(nn.Module):
     """The U-Net: a contracting path, a bottleneck and an expanding path with skips.
 
@@ -66,7 +88,7 @@ class UNet(nn.Module):
         self.downs = nn.ModuleList(
             Down(widths[i], widths[i + 1], p, bn) for i in range(config.depth)
         )
-        self.dropout = nn.Dropout2d(config.dropout) if config.dropout else nn.Identity()
+        self.dropout = BatchDropout2d(config.dropout) if config.dropout else nn.Identity()
         self.ups = nn.ModuleList(
             Up(widths[i + 1], widths[i], p, bn) for i in reversed(range(config.depth))
         )

@@ -6,6 +6,7 @@ written anywhere, with it the model directory the command line writes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,15 +58,23 @@ def train(
     Model
         The best validated weights (the last ones without validation data).
 
+    Notes
+    -----
+    Started by ``torchrun`` (or any launcher that sets ``RANK``, ``LOCAL_RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``), the processes train one model
+    together, as the command line does: each takes ``batch_size`` tiles of every step, rank 0
+    alone writes `out` and reports progress, and every process returns the same Model.
+
     Examples
     --------
     >>> model = biounet.train([image], [mask], steps=200, depth=2, base_channels=16)
     >>> model.predict(image)
     """
     from biounet.checkpoints import DirectoryRecorder
+    from biounet.distributed import world_from_environ
     from biounet.io import is_model_dir
     from biounet.loop import Recorder
-    from biounet.trainer import configs_from_options, run
+    from biounet.trainer import configs_from_options, global_batch, run
 
     folders = isinstance(images, str | Path)
     first = None if folders or not len(images) else _read_item(images[0], "image")
@@ -86,7 +95,9 @@ def train(
     fraction = extra.get("val_fraction", 0.2)
     examples = _examples(images, masks, val_images, val_masks, info, data, fraction)
     recorder = Recorder() if out is None else DirectoryRecorder(Path(out))
-    bar, report = _progress(progress)
+    world = world_from_environ(os.environ)  # the launcher's contract, as torch reads it
+    config = global_batch(config, world)
+    bar, report = _progress(progress if world.main else None)
     try:
         net, info, _ = run(
             examples,
@@ -99,6 +110,7 @@ def train(
             callback=None if report is None else (lambda s: report(s.step, s.steps)),
             command="biounet.train(...)",
             device=device,
+            world=world,
         )
     finally:
         if bar is not None:

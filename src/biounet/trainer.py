@@ -33,6 +33,7 @@ from biounet.data import (
     split_validation,
     tile_geometry,
 )
+from biounet.distributed import SOLO, World, joined, process_device, share_json, share_tensors
 from biounet.errors import BiounetError
 from biounet.inference import Engine
 from biounet.instances import InstanceConfig, instances_from_probabilities
@@ -210,13 +211,18 @@ def run(
     callback: Callback | None = None,
     command: str | None = None,
     device: torch.device | None = None,
+    world: World = SOLO,
 ) -> tuple[UNet, ModelInfo, TrainState]:
     """Train on `examples` and return the kept network (best validated, else last), its
     completed `ModelInfo` and the final `TrainState`.
 
     `init`: a network and its info to start from (`init_source` names it in the record).
+    `world`: this process's place among data-parallel training processes, which split each
+    step's ``config.batch_size`` tiles (the global batch: `global_batch`) evenly. Rank 0
+    alone writes; every process returns the same network and info.
     """
-    _check_training_memory(info, config, device or torch.device("cpu"))
+    device = process_device(world, device or torch.device("cpu"))
+    _check_training_memory(info, config, device, world)
     if init is not None and not resume:
         model, init_info = init
         info = init_info.replace(training=None, weights_dtype=info.weights_dtype)
@@ -236,25 +242,46 @@ def run(
             "data_config": asdict(data),
         }
     )
+    if not world.main:
+        recorder = Recorder()  # rank 0 writes
     try:
-        state = fit(
-            model,
-            info,
-            examples.train,
-            examples.val,
-            config,
-            recorder,
-            resume=resume,
-            augment=data.augment,
-            callback=callback,
-            device=device,
-        )
-        return _finish(examples, info, config, data, recorder, state, device)
+        with joined(world, device):
+            state = fit(
+                model,
+                info,
+                examples.train,
+                examples.val,
+                config,
+                recorder,
+                resume=resume,
+                augment=data.augment,
+                callback=callback,
+                device=device,
+                world=world,
+            )
+            if world.main:
+                kept, info = _finish(
+                    examples, info, config, data, recorder, state, device, world.size
+                )
+            return _shared_result(world, kept if world.main else None, info, state)
     finally:
         recorder.close()  # the lock, whatever happened
 
 
-def _finish(examples, info, config, data, recorder, state, device):
+def _shared_result(world: World, kept: UNet | None, info: ModelInfo, state: TrainState):
+    """Rank 0's kept network and completed info, in every process."""
+    if not world.distributed:
+        return kept, info, state
+    shared = share_json(world, {"info": info.to_dict(), "step": state.step})
+    info = ModelInfo.from_dict(shared["info"], "the model of training rank 0")
+    weights = share_tensors(world, kept.state_dict() if world.main else None)
+    if not world.main:
+        kept = UNet(info.net)
+        kept.load_state_dict(weights)
+    return kept, info, state
+
+
+def _finish(examples, info, config, data, recorder, state, device, world_size=1):
     """The training record, the kept network and its post-processing, after `fit`."""
     device = device or torch.device("cpu")
     info = info.replace(
@@ -266,6 +293,7 @@ def _finish(examples, info, config, data, recorder, state, device):
             "steps_done": state.step,
             "best_val_dice": finite_or_none(state.best_val_dice),
             "skipped_updates": state.skipped,
+            "processes": world_size,
             "last": state.history[-1] if state.history else None,
         }
     )
@@ -274,10 +302,12 @@ def _finish(examples, info, config, data, recorder, state, device):
         post = fit_postprocess(kept, info, examples.instance_pairs, data, config.precision, device)
         info = info.replace(postprocess={"instances": post.to_dict()})
     recorder.on_end(info)
-    return kept, info, state
+    return kept, info
 
 
-def _check_training_memory(info: ModelInfo, config: TrainConfig, device: torch.device) -> None:
+def _check_training_memory(
+    info: ModelInfo, config: TrainConfig, device: torch.device, world: World = SOLO
+) -> None:
     """Refuse, before allocating, a tile, batch and network that cannot fit in memory.
 
     Estimate: the forward pass's feature maps (`tile_memory`) three times over (the
@@ -287,12 +317,13 @@ def _check_training_memory(info: ModelInfo, config: TrainConfig, device: torch.d
     geometry = tile_geometry(info.net, config.tile)
     side = geometry.tile_in
     precision = resolve_precision(config.precision, device)
-    maps = tile_memory(info.net, (side, side), config.batch_size, bytes_per_value(precision))
-    need = 3 * maps + 4 * 8 * side * side * config.batch_size
+    batch = max(config.batch_size // world.size, 1)  # this process's part of each step
+    maps = tile_memory(info.net, (side, side), batch, bytes_per_value(precision))
+    need = 3 * maps + 4 * 8 * side * side * batch
     need += 16 * info.net.parameter_count()
     cuda = device.type == "cuda"
     free = torch.cuda.mem_get_info(device)[0] if cuda else available_memory()
-    check_fits(need, free, f"training with {config.batch_size} tile(s) of {side} px",
+    check_fits(need, free, f"training with {batch} tile(s) of {side} px",
                "lower `tile` or `batch_size`")  # fmt: skip
 
 
@@ -313,11 +344,14 @@ def train_from_folders(
     callback: Callback | None = None,
     command: str | None = None,
     device: torch.device | None = None,
+    world: World = SOLO,
 ) -> TrainState:
     """Train on image/mask folders (matched by file stem) into the model directory `out_dir`.
 
     With `resume`, the stored training and data settings are used, except for the
-    `TrainConfig` fields in `resume_overrides` (e.g. more steps).
+    `TrainConfig` fields in `resume_overrides` (e.g. more steps). Under data-parallel
+    training (`world`) every process reads the folders (and, to resume, `out_dir`'s stored
+    settings); rank 0 alone writes `out_dir`.
     """
     out_dir = Path(out_dir)
     started = any((out_dir / n).exists() for n in (CONFIG_NAME, CHECKPOINTS, LOCK_NAME))
@@ -329,7 +363,8 @@ def train_from_folders(
         # the settings it recorded (config.json comes just before that checkpoint).
         log.warning("%s: no complete checkpoint yet; training from step 0", out_dir)
         resume = False
-    if resume or (again and is_model_dir(out_dir)):
+    from_record = resume or (again and is_model_dir(out_dir))
+    if from_record:  # a resume splits the stored global batch over the processes it has
         stored = (read_json(out_dir / CONFIG_NAME).get("training") or {}).get("train_config")
         if resume:
             stored = stored_train_config(out_dir)
@@ -345,6 +380,8 @@ def train_from_folders(
             f"{out_dir}: already holds a model; use --resume to continue its training, "
             "--init to start from its weights, or another --out"
         )
+    if not from_record:
+        config = global_batch(config, world)
     start = load_model(Path(init)) if init is not None and not resume else None
     if start is not None:
         info = start[1].replace(training=None, weights_dtype=info.weights_dtype)
@@ -361,8 +398,15 @@ def train_from_folders(
         callback=callback,
         command=command,
         device=device,
+        world=world,
     )
     return state
+
+
+def global_batch(config: TrainConfig, world: World) -> TrainConfig:
+    """`config` with the tiles of a step over all processes: `batch_size` is per process on
+    the command line and in `biounet.train`, global in the loop and in the stored record."""
+    return replace(config, batch_size=config.batch_size * world.size)
 
 
 def _default_post(data: DataConfig) -> InstanceConfig:

@@ -34,11 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except BiounetError as exc:
-        print(f"biounet: error: {as_flags(str(exc))}", file=sys.stderr)
+        print(f"biounet: error{_rank()}: {as_flags(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("biounet: interrupted", file=sys.stderr)
         return 130
+
+
+def _rank() -> str:
+    """Which training process speaks, under torchrun or srun (rank 0 needs no tag)."""
+    rank = os.environ.get("RANK", "0")
+    return "" if os.environ.get("WORLD_SIZE", "1") == "1" or rank == "0" else f" (rank {rank})"
 
 
 def build_parser() -> argparse.ArgumentParser:

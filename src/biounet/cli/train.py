@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import signal
@@ -141,11 +142,16 @@ def _optimisation_flags(q: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from biounet.distributed import world_from_environ
     from biounet.io import list_images, read_image
     from biounet.options import TRAIN_OPTIONS
     from biounet.precision import parse_device
     from biounet.trainer import configs_from_options, train_from_folders
 
+    world = world_from_environ(os.environ)  # started by torchrun or srun: one of N processes
+    if not world.main:  # rank 0 logs, draws progress and prints the closing line
+        args.quiet = True
+        logging.getLogger("biounet").setLevel(logging.ERROR)
     images, masks = data_path(args.images), data_path(args.masks)
     in_channels = args.in_channels
     if in_channels is None and not args.resume and args.init is None:
@@ -194,6 +200,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             callback=on_step,
             command=command_line(args),
             device=parse_device(args.device),
+            world=world,
         )
     finally:
         progress.close()
