@@ -132,6 +132,18 @@ def test_resume_in_another_number_of_processes(folders, reference, tmp_path):
     assert _gap(out, two) <= 1e-5
 
 
+def test_time_budget_and_cosine_schedule_keep_one_model(folders, tmp_path):
+    """The learning rate follows rank 0's clock: the processes' weights stay equal (checked
+    by the loop at every checkpoint) while the budget, not the steps, ends the run."""
+    flags = ["--lr-schedule", "cosine", "--max-minutes", "0.03", "--steps", "100000",
+             "--checkpoint-every", "3"]  # fmt: skip
+    done = _torchrun(_train(folders, tmp_path / "budget", 1, flags))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "drifted apart" not in done.stderr
+    steps = json.loads((tmp_path / "budget" / "config.json").read_text())["training"]
+    assert 3 < steps["steps_done"] < 100000
+
+
 def test_refused_in_one_line(folders, tmp_path):
     # A global batch of 3 tiles cannot be split over 2 processes.
     odd = tmp_path / "odd"

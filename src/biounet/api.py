@@ -165,7 +165,7 @@ class Model:
         memory_mb: float = DEFAULT_MEMORY_MB,
         channel_axis: int | None = None,
         progress: bool | Callable[[int, int], None] | None = None,
-    ) -> np.ndarray:
+    ):
         """Segment one 2-D image of any size (overlap-tile prediction, no seams).
 
         Parameters
@@ -173,7 +173,11 @@ class Model:
         image : array-like of real numbers
             (H, W) for a one-channel model; with C channels, (C, H, W) or (H, W, C), or any
             axis given by `channel_axis`. Singleton axes are dropped. Raw intensities: the
-            model's own normalisation is applied.
+            model's own normalisation is applied. A dask array gives a lazy dask array: its
+            blocks are computed wherever dask runs (threads, processes, a cluster) and equal
+            the in-memory result (`biounet.graph`: float images above 16 megapixels are
+            normalised from a subsample; instances match where clumps fit the 128 px
+            margin); the normalisation statistics are computed at this call, once.
         output : {"mask", "prob", "instances"}
         tta : bool
             Average over the 8 rotations and flips (8x the compute).
@@ -190,9 +194,10 @@ class Model:
 
         Returns
         -------
-        ndarray
+        ndarray, or dask array for a dask input
             "mask": (H, W) uint8 class indices; "prob": (K, H, W) float32 probabilities;
-            "instances": (H, W) labels 0 (background), 1..N, uint16 (uint32 beyond 65535).
+            "instances": (H, W) labels 0 (background), 1..N, uint16 (uint32 beyond 65535;
+            always uint32 from a dask input, whose object count is not known in advance).
 
         Examples
         --------
@@ -203,6 +208,14 @@ class Model:
             raise BiounetError(f"output must be one of {', '.join(OUTPUTS)}, not {output!r}")
         tiling = Tiling(tile, None, batch_size, memory_mb)
         raw = as_channels_first(image, self.in_channels, channel_axis)
+        if _is_dask(raw):
+            from biounet.configs import PredictConfig
+            from biounet.graph import NetSpec, predict_graph
+
+            config = PredictConfig(tile=tile, batch_size=batch_size, memory_mb=memory_mb,
+                                   precision=self.precision, tta=tta)  # fmt: skip
+            spec = NetSpec.of(self._net, self._info, self.precision, self.device)
+            return predict_graph(raw, spec, self._info, config, output)
         x = normalize(raw, self._info.normalization)
         bar, report = _progress(progress)
         try:
@@ -230,14 +243,16 @@ def as_channels_first(image, channels: int, channel_axis: int | None = None) -> 
     BiounetError
         A shape that is not one 2-D image with `channels` channels, or non-finite values.
     """
-    arr = np.asarray(image)
+    lazy = _is_dask(image)  # checked for NaN block by block when computed
+    arr = image if lazy else np.asarray(image)
     if arr.dtype.kind == "b":
         arr = arr.astype(np.uint8)
     if arr.dtype.kind not in "uif":
         raise TypeError(f"image must hold real numbers, not {arr.dtype}")
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+    if not lazy and arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise BiounetError("image holds NaN or infinite values; replace them before predicting")
-    if arr.dtype.kind == "f" and arr.size and np.abs(arr).max() > np.finfo(np.float32).max:
+    big = not lazy and arr.dtype.kind == "f" and arr.size
+    if big and np.abs(arr).max() > np.finfo(np.float32).max:
         raise BiounetError("image holds values beyond float32's range (|x| > 3.4e38); rescale it")
     if channel_axis is not None:
         if not -arr.ndim <= channel_axis < arr.ndim:
@@ -257,6 +272,10 @@ def as_channels_first(image, channels: int, channel_axis: int | None = None) -> 
             "(give channel_axis= for another layout)"
         )
     return arr
+
+
+def _is_dask(image) -> bool:
+    return hasattr(image, "__dask_graph__") and hasattr(image, "chunks")
 
 
 def _image_shape(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -328,6 +328,9 @@ class PredictConfig:
     instance_margin : int
         Context (px) read around each block when streamed instances are labelled block by
         block: the widest clump of touching cells must fit in it (wider ones are logged).
+    blockwise : bool
+        Predict every input block by block into a zarr output (``STEM.zarr``), as zarr
+        inputs always are (`biounet.predict_zarr`): what a cluster run does.
     """
 
     tile: int | None = None
@@ -342,6 +345,7 @@ class PredictConfig:
     skip_existing: bool = False  # leave out inputs whose outputs are all there
     memory_mb: float = DEFAULT_MEMORY_MB
     instance_margin: int = 128
+    blockwise: bool = False
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUTS:

@@ -107,6 +107,8 @@ def process_device(world: World, device: torch.device) -> torch.device:
 def joined(world: World, device: torch.device) -> Iterator[None]:
     """The process group for the block: started (gloo on CPU, NCCL on CUDA) unless the caller
     started one already, and ended after the block when it was started here."""
+    if device.type == "cuda" and world.distributed:
+        torch.cuda.set_device(device)  # NCCL's collectives run on the current GPU
     if not world.distributed or dist.is_initialized():
         if dist.is_initialized() and dist.get_world_size() != world.size:
             raise BiounetError(
@@ -116,8 +118,6 @@ def joined(world: World, device: torch.device) -> Iterator[None]:
         yield
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     dist.init_process_group(
         backend, init_method="env://", rank=world.rank, world_size=world.size, timeout=TIMEOUT
     )
@@ -189,6 +189,33 @@ def share_tensors(world: World, tensors: dict[str, torch.Tensor] | None = None):
     return out
 
 
+def check_in_step(world: World, model: torch.nn.Module) -> None:
+    """Refuse to go on if the processes' weights differ: they must stay one model (DDP only
+    averages gradients; anything that lets the processes' updates differ breaks that)."""
+    if not world.distributed:
+        return
+    with torch.no_grad():
+        mine = torch.stack([p.detach().double().sum() for p in model.parameters()])
+    mine = mine.to(_device_of_group())
+    low, high = mine.clone(), mine.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise BiounetError(
+            "the training processes' weights have drifted apart; this is a bug in biounet's "
+            "data-parallel training: please report it, and train in one process meanwhile"
+        )
+
+
+def from_main(world: World, value: float) -> float:
+    """Rank 0's `value`, in every process."""
+    if not world.distributed:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_device_of_group())
+    dist.broadcast(t, 0)
+    return float(t.item())
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
@@ -238,8 +265,8 @@ def parallel(model: torch.nn.Module, world: World, device: torch.device, batch_s
 
 def share_restored(world: World, recorder, model, optimizer) -> dict:
     """Resume: rank 0 loads the checkpoint (`recorder.restore`), the others get its optimizer
-    state and loop state from rank 0 (the weights travel when `parallel` wraps the model).
-    No other process needs to see the model directory."""
+    state and loop state from rank 0 (the weights travel when `parallel` wraps the model),
+    so that all start from the very same bytes."""
     fields = recorder.restore(model, optimizer) if world.main else None
     if not world.distributed:
         return fields

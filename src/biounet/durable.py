@@ -54,6 +54,35 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; it becomes `path` only if the block succeeds.
+
+    A folder there before (an earlier output) is replaced only then, by two renames: a kill
+    at any instant leaves under `path` the old folder, the new one, or (between the renames)
+    nothing, never a partial folder; what is left under temporary names `remove_leftovers`
+    takes away.
+    """
+    path = Path(path).absolute()  # other processes (cluster workers) may write into it
+    ensure_dir(path.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name), suffix=".part", dir=path.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        yield tmp
+        fault_point(f"rename {path.name}")
+        old = None
+        if path.exists():
+            old = path.parent / f"{temp_prefix(path.name)}old.tmp"
+            os.rename(path, old)
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -181,36 +181,26 @@ def instances_in_chunks(
         block may overwrite an earlier one's object, and some of the ids 1..N be missing.)
     """
     _, height, width = probs.shape
-    keys = [np.zeros(1, np.int64)]  # per provisional id: raster index of its seed's first pixel
-    next_id, too_wide = 1, 0
     band = edge_band(config)
     if margin <= band:
         raise BiounetError(f"margin {margin} px must exceed {band} px (expand, max_hole)")
-    for y0 in range(0, height, chunk):
-        for x0 in range(0, width, chunk):
-            y1, x1 = min(y0 + chunk, height), min(x0 + chunk, width)
-            wy0, wx0 = max(y0 - margin, 0), max(x0 - margin, 0)
-            wy1, wx1 = min(y1 + margin, height), min(x1 + margin, width)
-            labels, seeds = _seeded_labels(np.asarray(probs[:, wy0:wy1, wx0:wx1]), config)
-            ids, first = np.unique(seeds.ravel(), return_index=True)
-            ids, first = ids[1:], first[1:]  # drop the background
-            fy, fx = np.divmod(first, wx1 - wx0)
-            fy, fx = fy + wy0, fx + wx0
-            owned = (fy >= y0) & (fy < y1) & (fx >= x0) & (fx < x1)
-            if not owned.any():
-                continue
-            lut = np.zeros(int(labels.max()) + 1, np.uint32)
-            lut[ids[owned]] = np.arange(next_id, next_id + owned.sum(), dtype=np.uint32)
-            next_id += int(owned.sum())
-            keys.append(fy[owned] * width + fx[owned])
-            block = lut[labels]
-            too_wide += _clumps_at_cut_edges(
-                labels, block, band, (wy0 > 0, wy1 < height, wx0 > 0, wx1 < width)
-            )
-            window = np.asarray(out[wy0:wy1, wx0:wx1])
-            mine = block > 0
-            window[mine] = block[mine]
-            out[wy0:wy1, wx0:wx1] = window
+    keys = [np.zeros(1, np.int64)]  # per provisional id: raster index of its seed's first pixel
+    next_id, too_wide = 1, 0
+    for block in chunk_boxes((height, width), chunk):
+        window = window_box(block, (height, width), margin)
+        (wy0, wy1), (wx0, wx1) = window
+        local, found, wide = owned_objects(
+            np.asarray(probs[:, wy0:wy1, wx0:wx1]), config, window, block, (height, width)
+        )
+        if not len(found):
+            continue
+        keys.append(found)
+        too_wide += wide
+        region = np.asarray(out[wy0:wy1, wx0:wx1])
+        mine = local > 0
+        region[mine] = local[mine] + np.uint32(next_id - 1)
+        out[wy0:wy1, wx0:wx1] = region
+        next_id += len(found)
     if too_wide:
         logger.warning(
             "%d object(s) in clumps wider than the %d px margin: they may differ from "
@@ -218,16 +208,88 @@ def instances_in_chunks(
             too_wide,
             margin,
         )
-    # Final ids: rank of the seed's first pixel in raster order, as ndimage.label numbers them.
-    key = np.concatenate(keys)
+    final = rank_ids(keys[1:])
+    for (y0, y1), (x0, x1) in chunk_boxes((height, width), chunk):
+        out[y0:y1, x0:x1] = final[np.asarray(out[y0:y1, x0:x1])]
+    return len(final) - 1
+
+
+Box = tuple[tuple[int, int], tuple[int, int]]  # ((y0, y1), (x0, x1)), ends excluded
+
+
+def chunk_boxes(shape: tuple[int, int], chunk: int) -> list[Box]:
+    """The blocks of side `chunk` (the last ones shorter) that tile `shape`, in raster order."""
+    height, width = shape
+    return [
+        ((y0, min(y0 + chunk, height)), (x0, min(x0 + chunk, width)))
+        for y0 in range(0, height, chunk)
+        for x0 in range(0, width, chunk)
+    ]
+
+
+def window_box(block: Box, shape: tuple[int, int], margin: int) -> Box:
+    """`block` widened by `margin` px on each side, within the image."""
+    (y0, y1), (x0, x1) = block
+    return (
+        (max(y0 - margin, 0), min(y1 + margin, shape[0])),
+        (max(x0 - margin, 0), min(x1 + margin, shape[1])),
+    )
+
+
+def owned_objects(
+    probs: np.ndarray, config: InstanceConfig, window: Box, block: Box, shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The objects a block owns, labelled from the probabilities of its window.
+
+    Parameters
+    ----------
+    probs : ndarray, shape (K, h, w)
+        The probabilities inside `window` (image coordinates), which contains `block`.
+    window, block : Box
+    shape : (H, W)
+        The whole image's.
+
+    Returns
+    -------
+    labels : ndarray of uint32, shape (h, w)
+        The owned objects (those whose seed's first pixel lies in `block`), numbered 1..n in
+        the order of `keys`; 0 elsewhere.
+    keys : ndarray of int64, shape (n,)
+        Raster index in the whole image of each object's seed's first pixel.
+    too_wide : int
+        Owned objects whose clump comes near a cut edge of the window.
+    """
+    (wy0, wy1), (wx0, wx1) = window
+    (y0, y1), (x0, x1) = block
+    labels, seeds = _seeded_labels(probs, config)
+    ids, first = np.unique(seeds.ravel(), return_index=True)
+    ids, first = ids[1:], first[1:]  # drop the background
+    fy, fx = np.divmod(first, wx1 - wx0)
+    fy, fx = fy + wy0, fx + wx0
+    owned = (fy >= y0) & (fy < y1) & (fx >= x0) & (fx < x1)
+    lut = np.zeros(int(labels.max()) + 1, np.uint32)
+    lut[ids[owned]] = np.arange(1, owned.sum() + 1, dtype=np.uint32)
+    local = lut[labels]
+    if not owned.any():
+        return local, np.zeros(0, np.int64), 0
+    cut = (wy0 > 0, wy1 < shape[0], wx0 > 0, wx1 < shape[1])
+    wide = _clumps_at_cut_edges(labels, local, edge_band(config), cut)
+    return local, (fy[owned] * shape[1] + fx[owned]).astype(np.int64), wide
+
+
+def rank_ids(keys: list[np.ndarray]) -> np.ndarray:
+    """Final ids of the objects of all blocks, numbered in order (block by block, then by
+    local id): each object's rank by its seed's first pixel in raster order, as
+    `ndimage.label` numbers the whole image's. Index 0 (background) stays 0.
+
+    Returns
+    -------
+    ndarray of uint32, shape (1 + total objects,)
+    """
+    key = np.concatenate([np.zeros(1, np.int64), *keys])
     final = np.zeros(len(key), np.uint32)
     final[1 + np.argsort(key[1:], kind="stable")] = np.arange(1, len(key), dtype=np.uint32)
-    for y0 in range(0, height, chunk):
-        for x0 in range(0, width, chunk):
-            out[y0 : y0 + chunk, x0 : x0 + chunk] = final[
-                np.asarray(out[y0 : y0 + chunk, x0 : x0 + chunk])
-            ]
-    return len(key) - 1
+    return final
 
 
 def _clumps_at_cut_edges(

@@ -29,7 +29,9 @@ from biounet.distributed import (
     SOLO,
     World,
     any_over,
+    check_in_step,
     check_parallel,
+    from_main,
     parallel,
     share_restored,
     sum_over,
@@ -163,6 +165,7 @@ def fit(
     model.train()
 
     def checkpoint() -> None:
+        check_in_step(world, model)
         recorder.on_checkpoint(model, optimizer, state, config, bool(val_samples))
 
     if not resume:
@@ -172,8 +175,11 @@ def fit(
     try:
         for batch in loader:
             step = state.step + 1
+            elapsed = meter.elapsed()
+            if config.max_minutes and config.lr_schedule != "constant":
+                elapsed = from_main(world, elapsed)  # one clock, one learning rate for all
             for group in optimizer.param_groups:
-                group["lr"] = config.lr * lr_factor(config, step - 1, meter.elapsed())
+                group["lr"] = config.lr * lr_factor(config, step - 1, elapsed)
             batch = _to_device(batch, device, precision)
             loss = _guarded_step(net, optimizer, scaler, batch, config, precision, device, step,
                                  world)  # fmt: skip

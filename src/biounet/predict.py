@@ -24,9 +24,10 @@ from biounet.instances import (
     instances_in_chunks,
 )
 from biounet.io import ensure_dir, is_image_file, list_images, read_image, write_png, write_tiff
+from biounet.io_zarr import is_zarr, zarr_stem
 from biounet.model import UNet
 from biounet.modeldir import ModelInfo, load_model
-from biounet.normalize import normalize
+from biounet.normalize import apply_normalization, normalization_params, normalize
 from biounet.plots import instance_overlay, overlay, to_uint8
 from biounet.precision import bytes_per_value, default_device, resolve_precision
 from biounet.tiling import TilePlan, plan_for, plan_tiles, tile_memory
@@ -42,16 +43,26 @@ def tile_plan(
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[Path]:
-    """Files, folders (their images) and glob patterns -> image files, in the given order."""
+    """Files, zarr stores, folders (their images and zarr stores) and glob patterns -> inputs,
+    in the given order."""
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
-            files.extend(list_images(path))
+        if path.is_dir() and is_zarr(path):
+            files.append(path)
+        elif path.is_dir():
+            stores = sorted(p for p in path.iterdir() if p.is_dir() and is_zarr(p))
+            # list_images says what it expected when the folder holds neither
+            images = sorted(p for p in path.iterdir() if is_image_file(p)) if stores else None
+            files.extend((list_images(path) if images is None else images) + stores)
         elif path.is_file():
             files.append(path)
         elif glob.has_magic(str(item)):
-            matches = sorted(Path(p) for p in glob.glob(str(item)) if is_image_file(Path(p)))
+            matches = sorted(
+                Path(p)
+                for p in glob.glob(str(item))
+                if is_image_file(Path(p)) or (is_zarr(Path(p)) and Path(p).is_dir())
+            )
             if not matches:
                 raise BiounetError(f"{item}: the pattern matches no image files")
             files.extend(matches)
@@ -59,12 +70,13 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
             raise BiounetError(f"{item}: no such file or folder")
     stems: dict[str, Path] = {}
     for f in files:
-        if f.stem in stems and stems[f.stem] != f:
+        stem = zarr_stem(f) if is_zarr(f) else f.stem
+        if stem in stems and stems[stem] != f:
             raise BiounetError(
-                f"{f}: has the same name stem as {stems[f.stem]}; outputs would overwrite each "
+                f"{f}: has the same name stem as {stems[stem]}; outputs would overwrite each "
                 "other, so predict them into different `out` folders"
             )
-        stems[f.stem] = f
+        stems[stem] = f
     return files
 
 
@@ -140,7 +152,6 @@ def predict_large(
     would be. Memory: one batch of tiles or one block, whatever the image size.
     """
     from biounet.io import LazyImage, atomic_path
-    from biounet.normalize import apply_normalization, normalization_params
 
     if config.output == "instances":  # checked before any work, not after the prediction
         need = edge_band(instance_config(info))
@@ -156,7 +167,7 @@ def predict_large(
                 f"{path}: has {src.shape[0]} channel(s) but the model expects "
                 f"{info.net.in_channels}"
             )
-        offset, scale = normalization_params(src.sample(), info.normalization)
+        offset, scale = _statistics(src, info.normalization)
         _, height, width = src.shape
         plan = engine.plan((height, width), config.tiling)
         # TIFF tiles must be multiples of 16 px; any multiple of 16 is on the pooling grid of a
@@ -206,6 +217,21 @@ def predict_large(
                 )
                 dtype = np.uint16 if n < 2**16 else np.uint32
                 write(tmp, _read_blocks(labels, (ty, tx), dtype), dtype)
+
+
+def _statistics(src, normalization) -> tuple[np.ndarray, np.ndarray]:
+    """Normalisation of a streamed image: exact percentiles from the value counts of bands of
+    rows for integer images (as `biounet.graph` computes them block-wise), else those of a
+    regular subsample (`LazyImage.sample`)."""
+    from biounet.normalize import merge_counts, params_from_counts, value_counts
+
+    if not (np.issubdtype(src.dtype, np.integer) and normalization.method == "percentile"):
+        return normalization_params(src.sample(), normalization)
+    counts = None
+    for r in range(0, src.shape[1], 1024):
+        band = value_counts(src[..., r : r + 1024, :])
+        counts = band if counts is None else merge_counts(counts, band)
+    return params_from_counts(counts, src.dtype, normalization)
 
 
 # Blocks of 1024 px (with `instance_margin` px of context): clumps of touching cells narrower
@@ -316,14 +342,21 @@ def predict_files(
     on_file: Callable[[Path, int, int], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_skip: Callable[[Path], None] | None = None,
+    connect: Callable[[], object] | None = None,
 ) -> list[Path]:
     """Predict every input image and write ``out_dir/STEM.tif`` (and overlays).
 
-    All inputs are checked (exist, readable, right channels) before the first output is
-    written. With ``config.skip_existing``, inputs all of whose outputs exist are skipped
-    (`on_skip` is told): outputs are renamed into place complete, so present means done.
-    Leftovers of killed runs in `out_dir` are removed first. Returns the written paths.
+    Zarr inputs (and every input with ``config.blockwise``) are predicted block by block
+    into ``out_dir/STEM.zarr`` (``STEM.ome.zarr`` for OME-Zarr) by dask, on the scheduler
+    `connect` returns (a dask.distributed Client, or "synchronous"; called once, after all
+    checks; default: this process); see `biounet.predict_zarr`. All inputs are checked
+    (exist, readable, right channels) before the first output is written. With
+    ``config.skip_existing``, inputs all of whose outputs exist are skipped (`on_skip` is
+    told): outputs are renamed into place complete, so present means done. Leftovers of
+    killed runs in `out_dir` are removed first. Returns the written paths.
     """
+    from biounet.predict_zarr import blockwise, done_blockwise, open_blockwise
+
     model, info = load_model(Path(model_dir))
     files = expand_inputs(inputs)
     resolve_precision(config.precision, device or default_device())
@@ -332,33 +365,53 @@ def predict_files(
     inputs_resolved = {f.resolve() for f in files}
     todo = []
     for f in files:
-        if (Path(out_dir) / f"{f.stem}.tif").resolve() in inputs_resolved:
+        item, shape = None, None
+        if blockwise(f, config):
+            item = open_blockwise(f, Path(out_dir), info.net.in_channels, config)
+            target, shape = item.target, item.source.shape[1:]
+        else:
+            target = outputs_of(f, out_dir, config)[0]
+        if target.resolve() in inputs_resolved:
             raise BiounetError(
-                f"{f}: its output {Path(out_dir) / (f.stem + '.tif')} would overwrite an input; "
-                "choose another `out` folder"
+                f"{f}: its output {target} would overwrite an input; choose another `out` folder"
             )
-        if config.skip_existing and _done(f, out_dir, config, info):
+        done = (
+            done_blockwise(target, config, info.net.num_classes)
+            if item is not None
+            else _done(f, out_dir, config, info)
+        )
+        if config.skip_existing and done:
             if on_skip is not None:
                 on_skip(f)
             continue
-        if _streams(f, config):
+        if shape is None and _streams(f, config):
             from biounet.io import LazyImage
 
             with LazyImage(f) as lazy:
                 shape = lazy.shape[1:]
-        else:
+        elif shape is None:
             shape = read_image(f, info.net.in_channels).shape[1:]
         if config.tile is not None:
             _check_tile_memory(info, config, shape, device or default_device())
-        todo.append(f)
+        todo.append((f, item))
     ensure_dir(Path(out_dir))
     remove_leftovers(Path(out_dir))
     engine = Engine(model, device, config.precision)  # set up once for all files
-    written = []
-    for i, f in enumerate(todo):
+    written, spec, scheduler = [], None, None
+    for i, (f, item) in enumerate(todo):
         if on_file is not None:
             on_file(f, i, len(todo))
-        written += _predict_file(engine, info, f, out_dir, config, progress)
+        if item is None:
+            written += _predict_file(engine, info, f, out_dir, config, progress)
+            continue
+        from biounet.graph import NetSpec
+        from biounet.predict_zarr import predict_blockwise
+
+        # Workers compute on the device and at the precision resolved here.
+        spec = spec or NetSpec.of(model, info, engine.precision, str(engine.device))
+        if scheduler is None:
+            scheduler = connect() if connect is not None else "synchronous"
+        written.append(predict_blockwise(spec, info, item, config, scheduler))
     return written
 
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from biounet.cli.common import (
@@ -26,7 +30,12 @@ def add_parser(sub) -> None:
 
     q = sub.add_parser("predict", help="segment images with a model")
     q.add_argument("model_dir", type=Path, help="a model directory, or a shipped model's name")
-    q.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    q.add_argument(
+        "inputs",
+        nargs="+",
+        help="image files, zarr arrays or OME-Zarr images (X.zarr, X.ome.zarr: written as "
+        "zarr, block by block), folders of them, or glob patterns",
+    )
     q.add_argument("--out", type=Path, required=True, help="output folder")
     q.add_argument(
         "--tile",
@@ -61,8 +70,9 @@ def add_parser(sub) -> None:
         "--instance-margin",
         type=int,
         default=d("instance_margin"),
-        help="px of context around each 1024 px block when streaming instances: must exceed "
-        "the widest clump of touching cells (default %(default)s)",
+        help="px of context around each block of 1024 px or more when instances are labelled "
+        "block by block (streamed TIFFs, zarr, --cluster): must exceed the widest clump of "
+        "touching cells (default %(default)s)",
     )
     q.add_argument(
         "--skip-existing",
@@ -74,6 +84,14 @@ def add_parser(sub) -> None:
         "--tta",
         action="store_true",
         help="average over the 8 rotations/flips of each image (8x slower, smoother borders)",
+    )
+    q.add_argument(
+        "--cluster",
+        metavar="ADDRESS",
+        help="predict block by block on dask.distributed: a running scheduler "
+        "(tcp://host:8786) or local:N (start N worker processes for this run); every output "
+        "is then zarr (STEM.zarr), written by the workers. Zarr inputs are predicted block by "
+        "block anyway, in this process without --cluster",
     )
     add_precision_flag(q)
     add_device_flag(q)
@@ -96,6 +114,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             instance_margin=args.instance_margin,
             stream=args.stream,
             skip_existing=args.skip_existing,
+            blockwise=args.cluster is not None,
         )
     except BiounetError as exc:
         raise BiounetError(as_flags(str(exc))) from None
@@ -115,19 +134,64 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     skipped: list[Path] = []
     try:
-        written = predict_files(
-            model_path(args.model_dir),
-            [data_input(i) for i in args.inputs],
-            args.out,
-            config,
-            device=parse_device(args.device),
-            on_file=on_file,
-            progress=on_tiles,
-            on_skip=skipped.append,
-        )
+        with contextlib.ExitStack() as stack:
+            written = predict_files(
+                model_path(args.model_dir),
+                [data_input(i) for i in args.inputs],
+                args.out,
+                config,
+                device=parse_device(args.device),
+                on_file=on_file,
+                progress=on_tiles,
+                on_skip=skipped.append,
+                connect=lambda: stack.enter_context(_scheduler(args.cluster, args.verbose)),
+            )
     finally:
         progress.close()
-    n_images = sum(1 for w in written if w.suffix == ".tif")
+    n_images = sum(1 for w in written if w.suffix in (".tif", ".zarr"))
     done = f" ({len(skipped)} skipped: their outputs exist)" if skipped else ""
     say(args, f"wrote {n_images} {args.output} file(s) to {args.out}{done}")
     return 0
+
+
+@contextlib.contextmanager
+def _scheduler(address: str | None, verbose: bool = False) -> Iterator:
+    """Where dask computes block-wise predictions: this process (one task at a time, torch
+    using every core), or the --cluster's workers."""
+    if address is None:
+        yield "synchronous"
+        return
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        raise BiounetError(
+            "--cluster needs dask.distributed: pip install 'biounet[cluster]'"
+        ) from None
+    if not verbose:  # the engine's own INFO lines (workers starting, closing) stay out
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+    cluster = None
+    if address.startswith("local:"):
+        n = address.removeprefix("local:")
+        if not (n.isdigit() and int(n) >= 1):
+            raise BiounetError(f"--cluster local:N needs a number of workers N >= 1, not {n!r}")
+        # One task per worker at a time; torch in each uses its share of the cores.
+        threads = max(1, (os.cpu_count() or 1) // int(n))
+        cluster = LocalCluster(
+            n_workers=int(n), threads_per_worker=1, processes=True, dashboard_address=None,
+            env={"OMP_NUM_THREADS": str(threads)},
+        )  # fmt: skip
+        client = Client(cluster)
+    else:
+        try:
+            client = Client(address, timeout="20s")
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise BiounetError(
+                f"--cluster {address}: no dask scheduler answers there ({exc.__class__.__name__}); "
+                "start one (dask scheduler, dask worker ADDRESS) or use --cluster local:N"
+            ) from None
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
