@@ -118,3 +118,59 @@ def test_percentile_normalisation_handles_12_bit_data_in_uint16():
     flat = normalize(np.full((1, 4, 4), 7, np.uint16), NormalizeConfig())
     assert np.all(flat == 0)
     assert normalize(img, NormalizeConfig("dtype")).max() <= 4095 / 65535 + 1e-7
+
+
+# -- pixel sizes ---------------------------------------------------------------------------
+
+
+def _calibrated_tiffs(folder, image):
+    """The same image as an OME-TIFF, an ImageJ TIFF and a TIFF with centimetre tags, each
+    stating 0.65 µm pixels, and one with the common 72 dpi default (no calibration)."""
+    tifffile.imwrite(folder / "ome.tif", image, ome=True,
+                     metadata={"axes": "YX", "PhysicalSizeX": 0.65, "PhysicalSizeXUnit": "µm",
+                               "PhysicalSizeY": 0.65, "PhysicalSizeYUnit": "µm"})  # fmt: skip
+    tifffile.imwrite(folder / "imagej.tif", image, imagej=True, resolution=(1 / 0.65, 1 / 0.65),
+                     metadata={"unit": "micron"})  # fmt: skip
+    tifffile.imwrite(folder / "tags.tif", image, resolution=(1e4 / 0.65, 1e4 / 0.65),
+                     resolutionunit="CENTIMETER")  # fmt: skip
+    tifffile.imwrite(folder / "dpi.tif", image, resolution=(72, 72), resolutionunit="INCH")
+
+
+def test_pixel_sizes_are_read_from_ome_imagej_and_tags(tmp_path):
+    from biounet.io import read_pixel_size
+
+    _calibrated_tiffs(tmp_path, np.zeros((20, 30), np.uint16))
+    for name in ("ome", "imagej", "tags"):
+        size = read_pixel_size(tmp_path / f"{name}.tif")
+        assert (
+            size.unit == "µm" and size.x == pytest.approx(0.65) and size.y == pytest.approx(0.65)
+        ), name
+    assert read_pixel_size(tmp_path / "dpi.tif") is None
+    assert read_pixel_size(tmp_path / "none.png") is None
+
+
+def test_outputs_carry_the_inputs_pixel_size(tmp_path):
+    """Masks (in memory and streamed), instances and probabilities: OME-TIFFs at 0.65 µm."""
+    from biounet.cli import main
+    from biounet.io import read_pixel_size
+    from biounet.model import UNet, UNetConfig
+    from biounet.modeldir import ModelInfo, save_model
+
+    net = UNetConfig(depth=2, base_channels=4)
+    save_model(tmp_path / "m", UNet(net), ModelInfo(net, ("background", "cell")))
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    _calibrated_tiffs(tmp_path / "in", rng.integers(0, 255, (60, 70)).astype(np.uint8))
+    for flags in (["--output", "mask"], ["--output", "prob"], ["--output", "instances"],
+                  ["--stream"]):  # fmt: skip
+        out = tmp_path / "out"
+        assert main(["predict", str(tmp_path / "m"), str(tmp_path / "in"), "--out", str(out),
+                     *flags]) == 0  # fmt: skip
+        for name in ("ome", "imagej", "tags"):
+            size = read_pixel_size(out / f"{name}.tif")
+            assert size is not None and size.x == pytest.approx(0.65), (flags, name)
+            with tifffile.TiffFile(out / f"{name}.tif") as tif:
+                assert tif.is_ome
+        assert read_pixel_size(out / "dpi.tif") is None  # nothing invented
+        with tifffile.TiffFile(out / "dpi.tif") as tif:
+            assert not tif.is_ome

@@ -8,6 +8,7 @@ interrupted or failed run never leaves a half-written file behind.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -251,10 +252,84 @@ def read_mask(path: Path) -> np.ndarray:
 # -- writing ------------------------------------------------------------------------------
 
 
-def write_tiff(path: Path, data: np.ndarray) -> None:
-    """Write `data` as a TIFF (planes first for 3-D data), atomically."""
+@dataclass(frozen=True)
+class PixelSize:
+    """The physical size of a pixel: `y` by `x` `unit` (e.g. 0.65 by 0.65 "µm")."""
+
+    y: float
+    x: float
+    unit: str = "µm"
+
+    def tiff_options(self, ndim: int) -> dict:
+        """`tifffile.imwrite` options that store it: OME-XML (Fiji/Bio-Formats, QuPath,
+        napari) and, for metric units, resolution tags in pixels per centimetre."""
+        options = {
+            "ome": True,
+            "metadata": {
+                "axes": "YX" if ndim == 2 else "CYX",
+                "PhysicalSizeX": self.x, "PhysicalSizeXUnit": self.unit,
+                "PhysicalSizeY": self.y, "PhysicalSizeYUnit": self.unit,
+            },
+        }  # fmt: skip
+        per_cm = _PER_CM.get(self.unit)
+        if per_cm:
+            options |= {"resolution": (per_cm / self.x, per_cm / self.y),
+                        "resolutionunit": "CENTIMETER"}  # fmt: skip
+        return options
+
+
+# Spellings of micrometres in ImageJ and OME metadata (ASCII, escaped, Greek mu)
+_UNITS = {"micron": "µm", "microns": "µm", "um": "µm", "\\u00B5m": "µm", "\u03bcm": "µm"}
+_PER_CM = {"µm": 1e4, "nm": 1e7, "mm": 10.0, "cm": 1.0}
+
+
+def read_pixel_size(path: Path) -> PixelSize | None:
+    """The pixel size a TIFF states, else None.
+
+    From OME-XML (``PhysicalSizeX``/``Y`` and their units), ImageJ's metadata (its unit and
+    the resolution tags), or resolution tags in centimetres. Tags in inches are a print
+    resolution (72 dpi is many writers' default), not a calibration, and are ignored.
+    """
+    if Path(path).suffix.lower() not in (".tif", ".tiff"):
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if tif.is_ome:
+                return _ome_pixel_size(tif.ome_metadata)
+            page = tif.pages[0]
+            px, py = page.resolution  # pixels per unit
+            if not (px > 0 and py > 0):
+                return None
+            unit = (tif.imagej_metadata or {}).get("unit") if tif.is_imagej else None
+            if unit and unit not in ("pixel", "pixels", ""):
+                return PixelSize(1 / py, 1 / px, _UNITS.get(unit, unit))
+            if page.resolutionunit == tifffile.RESUNIT.CENTIMETER:
+                return PixelSize(1e4 / py, 1e4 / px)
+    except (OSError, ValueError, KeyError, tifffile.TiffFileError):
+        return None
+    return None
+
+
+def _ome_pixel_size(xml: str | None) -> PixelSize | None:
+    import xml.etree.ElementTree as ET
+
+    if not xml:
+        return None
+    pixels = next((e for e in ET.fromstring(xml).iter() if e.tag.endswith("}Pixels")), None)
+    if pixels is None or "PhysicalSizeX" not in pixels.attrib:
+        return None
+    x = float(pixels.attrib["PhysicalSizeX"])
+    y = float(pixels.attrib.get("PhysicalSizeY", x))
+    unit = pixels.attrib.get("PhysicalSizeXUnit", "µm")
+    return PixelSize(y, x, _UNITS.get(unit, unit))
+
+
+def write_tiff(path: Path, data: np.ndarray, pixel_size: PixelSize | None = None) -> None:
+    """Write `data` as a TIFF (planes first for 3-D data), atomically; with `pixel_size`,
+    as an OME-TIFF that states it."""
+    extra = pixel_size.tiff_options(data.ndim) if pixel_size is not None else {}
     with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, data, photometric="minisblack", compression="zlib")
+        tifffile.imwrite(tmp, data, photometric="minisblack", compression="zlib", **extra)
 
 
 def write_png(path: Path, data: np.ndarray) -> None:

@@ -23,7 +23,15 @@ from biounet.instances import (
     instances_from_probabilities,
     instances_in_chunks,
 )
-from biounet.io import ensure_dir, is_image_file, list_images, read_image, write_png, write_tiff
+from biounet.io import (
+    ensure_dir,
+    is_image_file,
+    list_images,
+    read_image,
+    read_pixel_size,
+    write_png,
+    write_tiff,
+)
 from biounet.io_zarr import is_zarr, zarr_stem
 from biounet.model import UNet
 from biounet.modeldir import ModelInfo, load_model
@@ -194,6 +202,9 @@ def predict_large(
                 total=total,
             )
 
+        size = read_pixel_size(path)
+        extra = size.tiff_options(2) if size is not None else {}
+
         def write(tmp: Path, tiles, dtype) -> None:
             tifffile.imwrite(
                 tmp,
@@ -203,6 +214,7 @@ def predict_large(
                 tile=(ty, tx),
                 compression="zlib",
                 photometric="minisblack",
+                **extra,
             )
 
         with atomic_path(target) as tmp:
@@ -423,7 +435,7 @@ def _predict_file(engine, info, path: Path, out_dir: Path, config, progress) -> 
     x = normalize(read_image(path, info.net.in_channels), info.normalization)
     probs = engine.probabilities(x, None, config.tiling, config.tta, progress)
     result = output_array(probs, info, config.output)
-    write_tiff(target, result)
+    write_tiff(target, result, read_pixel_size(path))  # outputs overlay the input at scale
     if overlay:
         write_png(overlay[0], overlay_picture(info, x, probs, result, config.output))
     log.info("wrote %s", target)

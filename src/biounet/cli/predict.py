@@ -174,12 +174,12 @@ def _scheduler(address: str | None, verbose: bool = False) -> Iterator:
         n = address.removeprefix("local:")
         if not (n.isdigit() and int(n) >= 1):
             raise BiounetError(f"--cluster local:N needs a number of workers N >= 1, not {n!r}")
-        # One task per worker at a time; torch in each uses its share of the cores.
+        # dask runs torch single-threaded in its workers (OMP_NUM_THREADS=1), so the cores
+        # are used by running one block per thread: the cores' share of each worker.
         threads = max(1, (os.cpu_count() or 1) // int(n))
         cluster = LocalCluster(
-            n_workers=int(n), threads_per_worker=1, processes=True, dashboard_address=None,
-            env={"OMP_NUM_THREADS": str(threads)},
-        )  # fmt: skip
+            n_workers=int(n), threads_per_worker=threads, processes=True, dashboard_address=None
+        )
         client = Client(cluster)
     else:
         try:
