@@ -43,3 +43,13 @@ def test_curves_and_weight_figure_are_labelled():
     assert "foreground" in ax_dice.get_ylabel()
     fig = weight_figure(np.zeros((8, 8), int), np.ones((8, 8)))
     assert "weight" in fig.axes[-1].get_ylabel()  # the colour bar
+
+
+def test_augment_grid_marks_the_original_and_has_no_empty_cells():
+    from biounet.plots import augment_grid
+
+    pair = (np.random.default_rng(0).random((1, 20, 20)), np.eye(20, dtype=int))
+    for n in (9, 8, 7, 12):
+        fig = augment_grid([pair] * n)
+        assert len(fig.axes) == n  # every cell holds a picture
+        assert fig.axes[0].get_title() == "original" and fig.axes[1].get_title() == "augmented 1"

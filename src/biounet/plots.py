@@ -84,26 +84,38 @@ def weight_figure(classes: np.ndarray, weights: np.ndarray) -> Figure:
     return fig
 
 
-def augment_grid(examples: list[tuple[np.ndarray, np.ndarray]], columns: int = 4) -> Figure:
-    """Augmented images with their mask contours on top, in a grid.
+def augment_grid(
+    examples: list[tuple[np.ndarray, np.ndarray]], columns: int | None = None
+) -> Figure:
+    """The original and its augmented versions with their mask contours on top, in a grid.
 
     Parameters
     ----------
     examples : list of (image (C, H, W) float, classes (H, W) int)
-        The first entry is shown as "original" when it is the undeformed pair.
+        The original first (titled so), then the augmented samples.
+    columns : int, optional
+        Default: the widest of 5, 4, 3 or 2 columns that fills every row (one row for a
+        count none divides, up to 7).
     """
     from skimage.segmentation import find_boundaries
 
-    rows = -(-len(examples) // columns)
-    fig = Figure(figsize=(3 * columns, 3 * rows))
+    n = len(examples)
+    if columns is None:
+        columns = next((c for c in (5, 4, 3, 2) if n % c == 0 and c <= n), min(n, 7))
+    rows = -(-n // columns)
+    fig = Figure(figsize=(3 * columns, 3.2 * rows))
     FigureCanvasAgg(fig)
     axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
-    for ax in axes:
-        ax.set_axis_off()
-    for ax, (image, classes) in zip(axes, examples, strict=False):
+    for ax in axes[n:]:
+        fig.delaxes(ax)  # no empty cells
+    for k, (ax, (image, classes)) in enumerate(zip(axes, examples, strict=False)):
         rgb = np.repeat(to_uint8(image)[..., None], 3, axis=-1)
-        rgb[find_boundaries(classes, mode="inner")] = (255, 40, 40)
+        # Bright yellow: visible on dark membranes and on light cells alike.
+        rgb[find_boundaries(classes, mode="inner")] = (255, 225, 0)
         ax.imshow(rgb, interpolation="nearest")
+        ax.set_title("original" if k == 0 else f"augmented {k}", fontsize=11,
+                     fontweight="bold" if k == 0 else "normal")  # fmt: skip
+        ax.set_axis_off()
     fig.tight_layout()
     return fig
 
