@@ -277,3 +277,23 @@ def test_killed_zarr_output_leaves_nothing_half_written(saved, tmp_path):
     assert not (tmp_path / "out" / "k.ome.zarr").exists()
     assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["k.ome.zarr"]  # leftover gone
+
+
+def test_calibrated_tiff_gives_an_ome_zarr_block_wise(saved, tmp_path):
+    """A TIFF stating 0.65 µm pixels, predicted block by block (as on a cluster): an
+    OME-Zarr output at 0.65 micrometer; an uncalibrated one: a plain zarr array."""
+    from biounet.configs import PredictConfig
+    from biounet.predict import predict_files
+
+    model_dir, image = saved
+    size = {"axes": "YX", "PhysicalSizeX": 0.65, "PhysicalSizeY": 0.65}
+    tifffile.imwrite(tmp_path / "cal.tif", image, ome=True, metadata=size)
+    tifffile.imwrite(tmp_path / "raw.tif", image)
+    written = predict_files(model_dir, [tmp_path / "cal.tif", tmp_path / "raw.tif"],
+                            tmp_path / "out", PredictConfig(blockwise=True))  # fmt: skip
+    assert [w.name for w in written] == ["cal.ome.zarr", "raw.zarr"]
+    labels = open_zarr_image(tmp_path / "out" / "cal.ome.zarr")
+    assert labels.ome["x"]["scale"] == pytest.approx(0.65)
+    assert labels.ome["x"]["unit"] == "micrometer"
+    want = Model(*_loaded(model_dir), device="cpu").predict(image, "mask")
+    assert np.array_equal(labels.array[:], want)

@@ -194,10 +194,30 @@ def tiff_to_dask(path: Path):
 # -- outputs -------------------------------------------------------------------------------
 
 
-def output_name(path: Path, source: ZarrImage | None) -> str:
-    """The zarr output of input `path`: ``X.ome.zarr`` for an OME-Zarr input, else ``X.zarr``."""
+# NGFF names the units of UDUNITS-2; TIFF metadata abbreviates them.
+_NGFF_UNITS = {"µm": "micrometer", "nm": "nanometer", "mm": "millimeter", "cm": "centimeter"}
+
+
+def space_of_tiff(path: Path) -> dict | None:
+    """The y/x axes' ``unit``, ``scale`` and ``translation`` (`ZarrImage.ome`'s form) of a
+    TIFF that states a pixel size (`biounet.io.read_pixel_size`), else None."""
+    from biounet.io import read_pixel_size
+
+    size = read_pixel_size(path)
+    if size is None:
+        return None
+    unit = _NGFF_UNITS.get(size.unit, size.unit)
+    return {
+        "y": {"unit": unit, "scale": size.y, "translation": 0.0},
+        "x": {"unit": unit, "scale": size.x, "translation": 0.0},
+    }
+
+
+def output_name(path: Path, ome: dict | None) -> str:
+    """The zarr output of input `path`: ``X.ome.zarr`` where the input states its pixel
+    size (`ome`: an OME-Zarr input, or a calibrated TIFF), else ``X.zarr``."""
     stem = zarr_stem(path) if is_zarr(path) else Path(path).stem
-    return stem + (OME_SUFFIX if source is not None and source.ome is not None else ".zarr")
+    return stem + (OME_SUFFIX if ome is not None else ".zarr")
 
 
 def create_output(
@@ -205,17 +225,19 @@ def create_output(
     shape: tuple[int, ...],
     dtype,
     chunks: tuple[int, ...],
-    source: ZarrImage | None = None,
+    ome: dict | None = None,
     attributes: dict | None = None,
+    name: str | None = None,
 ):
     """An empty output array in `folder` (which it makes), ready for region writes.
 
-    (H, W) outputs are masks or labels, (K, H, W) class probabilities. With an OME-Zarr
-    `source`, `folder` becomes an OME-Zarr image (level ``0``) with its y and x axes.
+    (H, W) outputs are masks or labels, (K, H, W) class probabilities. With `ome` (the
+    input's y and x axes as `ZarrImage.ome` holds them), `folder` becomes an OME-Zarr image
+    (level ``0``, named `name`) with those axes.
     """
     import zarr
 
-    if source is None or source.ome is None:
+    if ome is None:
         array = zarr.create_array(
             store=str(folder), shape=shape, dtype=dtype, chunks=chunks, fill_value=0,
             dimension_names=("c", "y", "x")[-len(shape) :], overwrite=True,
@@ -231,15 +253,15 @@ def create_output(
     axes = [
         Axis(name="c", type="channel")
         if n == "c"
-        else Axis(name=n, type="space", unit=source.ome[n]["unit"])
+        else Axis(name=n, type="space", unit=ome[n]["unit"])
         for n in names
     ]
-    scale = [1.0 if n == "c" else source.ome[n]["scale"] for n in names]
-    shift = [0.0 if n == "c" else source.ome[n]["translation"] for n in names]
+    scale = [1.0 if n == "c" else ome[n]["scale"] for n in names]
+    shift = [0.0 if n == "c" else ome[n]["translation"] for n in names]
     image = Image.new(
         array_specs=[ArraySpec.from_array(template, dimension_names=list(names))],
         paths=["0"], axes=axes, scales=[scale], translations=[shift if any(shift) else None],
-        name=zarr_stem(source.path), metadata=attributes,
+        name=name, metadata=attributes,
     )  # fmt: skip
     image.to_zarr(zarr.storage.LocalStore(str(folder)), path="")
     return zarr.open_array(str(Path(folder) / "0"), mode="r+")

@@ -25,7 +25,9 @@ from biounet.io_zarr import (
     open_output,
     open_zarr_image,
     output_name,
+    space_of_tiff,
     tiff_to_dask,
+    zarr_stem,
 )
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ class BlockwiseInput:
     source: object  # dask array (C, H, W)
     image: ZarrImage | None  # the zarr input's description (None for files)
     target: Path
+    ome: dict | None = None  # its y/x units and pixel size, where it states them
 
 
 def blockwise(path: Path, config: PredictConfig) -> bool:
@@ -56,12 +59,12 @@ def open_blockwise(path: Path, out_dir: Path, in_channels: int, config) -> Block
             f"{path}: block-wise prediction (zarr inputs, `cluster`) writes no overlay and "
             "runs no TTA; drop `overlay` and `tta`"
         )
-    image = None
+    image, ome = None, None
     if is_zarr(path):
         image = open_zarr_image(path)
-        source = image.to_dask()
+        source, ome = image.to_dask(), image.ome
     elif path.suffix.lower() in (".tif", ".tiff"):
-        source = tiff_to_dask(path)
+        source, ome = tiff_to_dask(path), space_of_tiff(path)
     else:
         import dask.array as da
 
@@ -72,7 +75,8 @@ def open_blockwise(path: Path, out_dir: Path, in_channels: int, config) -> Block
         raise BiounetError(
             f"{path}: has {source.shape[0]} channel(s) but the model expects {in_channels}"
         )
-    return BlockwiseInput(path, source, image, Path(out_dir) / output_name(path, image))
+    target = Path(out_dir) / output_name(path, ome)
+    return BlockwiseInput(path, source, image, target, ome)
 
 
 def done_blockwise(target: Path, config: PredictConfig, num_classes: int) -> bool:
@@ -110,7 +114,8 @@ def predict_blockwise(spec, info, item: BlockwiseInput, config, scheduler=None) 
         }
     }
     with atomic_dir(item.target) as tmp:
-        array = create_output(tmp, result.shape, result.dtype, chunks, item.image, attributes)
+        array = create_output(tmp, result.shape, result.dtype, chunks, item.ome, attributes,
+                              name=zarr_stem(item.target))  # fmt: skip
         da.store(result, array, lock=False, compute=True, scheduler=scheduler)
         fault_point(f"{item.target.name}: blocks written")
     log.info("wrote %s", item.target)
