@@ -109,3 +109,11 @@ def test_local_cluster_masks(mosaic, reference, tmp_path):
     assert run.returncode == 0, err
     want = output_array(model.predict(crop, "prob"), model._info, "mask")
     assert np.array_equal(zarr.open_array(str(tmp_path / "out" / "crop.zarr"))[:], want)
+
+
+def test_no_scheduler_at_the_address_is_one_line(mosaic, tmp_path):
+    run = _predict(mosaic[0], tmp_path / "out", "mask", "tcp://127.0.0.1:1")
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 2
+    assert "--cluster tcp://127.0.0.1:1: no dask scheduler answers there" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

@@ -406,10 +406,13 @@ def predict_files(
         if config.tile is not None:
             _check_tile_memory(info, config, shape, device or default_device())
         todo.append((f, item))
+    scheduler = None
+    if any(item is not None for _, item in todo):  # before anything is written
+        scheduler = connect() if connect is not None else "synchronous"
     ensure_dir(Path(out_dir))
     remove_leftovers(Path(out_dir))
     engine = Engine(model, device, config.precision)  # set up once for all files
-    written, spec, scheduler = [], None, None
+    written, spec = [], None
     for i, (f, item) in enumerate(todo):
         if on_file is not None:
             on_file(f, i, len(todo))
@@ -421,8 +424,6 @@ def predict_files(
 
         # Workers compute on the device and at the precision resolved here.
         spec = spec or NetSpec.of(model, info, engine.precision, str(engine.device))
-        if scheduler is None:
-            scheduler = connect() if connect is not None else "synchronous"
         written.append(predict_blockwise(spec, info, item, config, scheduler))
     return written
 
