@@ -297,3 +297,24 @@ def test_calibrated_tiff_gives_an_ome_zarr_block_wise(saved, tmp_path):
     assert labels.ome["x"]["unit"] == "micrometer"
     want = Model(*_loaded(model_dir), device="cpu").predict(image, "mask")
     assert np.array_equal(labels.array[:], want)
+
+
+def test_readme_dask_example_runs(tmp_path, monkeypatch):
+    """The README's Python example for dask arrays, on a BBBC039-like image in zarr."""
+    import re
+    from pathlib import Path
+
+    import biounet
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("### Prediction on a dask cluster") :]
+    code = next(b for b in re.findall(r"```python\n(.*?)```", section, re.S) if "from_zarr" in b)
+    rng = np.random.default_rng(8)
+    image = disk_image(disks((300, 420), rng, count=15), rng).astype(np.uint16) * 12
+    monkeypatch.chdir(tmp_path)
+    z = zarr.create_array(store="slide.zarr", shape=image.shape, dtype=image.dtype,
+                          chunks=(128, 128))  # fmt: skip
+    z[:] = image
+    exec(compile("import biounet\n" + code, "README.md", "exec"), {})
+    want = biounet.load("bbbc039").predict(image, output="instances")
+    assert np.array_equal(zarr.open_array("labels.zarr", mode="r")[:], want)
