@@ -174,3 +174,18 @@ def test_outputs_carry_the_inputs_pixel_size(tmp_path):
         assert read_pixel_size(out / "dpi.tif") is None  # nothing invented
         with tifffile.TiffFile(out / "dpi.tif") as tif:
             assert not tif.is_ome
+
+
+def test_nonsense_pixel_sizes_state_nothing(tmp_path):
+    """Zero or unparsable sizes are ignored: predicting such a file still works."""
+    from biounet.io import read_pixel_size, write_tiff
+
+    image = np.zeros((10, 12), np.uint8)
+    zero = {"axes": "YX", "PhysicalSizeX": 0.0, "PhysicalSizeY": 0.0}
+    tifffile.imwrite(tmp_path / "zero.tif", image, ome=True, metadata=zero)
+    broken = "<OME><Pixels PhysicalSizeX="
+    tifffile.imwrite(tmp_path / "xml.tif", image, description=broken, metadata=None)
+    for name in ("zero", "xml"):
+        assert read_pixel_size(tmp_path / f"{name}.tif") is None, name
+    write_tiff(tmp_path / "out.tif", image, read_pixel_size(tmp_path / "zero.tif"))
+    assert tifffile.imread(tmp_path / "out.tif").shape == (10, 12)

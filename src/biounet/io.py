@@ -290,23 +290,32 @@ def read_pixel_size(path: Path) -> PixelSize | None:
     the resolution tags), or resolution tags in centimetres. Tags in inches are a print
     resolution (72 dpi is many writers' default), not a calibration, and are ignored.
     """
+    import xml.etree.ElementTree as ET
+
     if Path(path).suffix.lower() not in (".tif", ".tiff"):
         return None
     try:
-        with tifffile.TiffFile(path) as tif:
-            if tif.is_ome:
-                return _ome_pixel_size(tif.ome_metadata)
-            page = tif.pages[0]
-            px, py = page.resolution  # pixels per unit
-            if not (px > 0 and py > 0):
-                return None
-            unit = (tif.imagej_metadata or {}).get("unit") if tif.is_imagej else None
-            if unit and unit not in ("pixel", "pixels", ""):
-                return PixelSize(1 / py, 1 / px, _UNITS.get(unit, unit))
-            if page.resolutionunit == tifffile.RESUNIT.CENTIMETER:
-                return PixelSize(1e4 / py, 1e4 / px)
-    except (OSError, ValueError, KeyError, tifffile.TiffFileError):
-        return None
+        size = _stated_pixel_size(path)
+    except (OSError, ValueError, KeyError, ET.ParseError, tifffile.TiffFileError):
+        return None  # unreadable metadata states nothing
+    ok = size is not None and all(np.isfinite(v) and v > 0 for v in (size.y, size.x))
+    return size if ok else None
+
+
+def _stated_pixel_size(path: Path) -> PixelSize | None:
+    """What the file says: OME-XML, else ImageJ metadata, else centimetre tags."""
+    with tifffile.TiffFile(path) as tif:
+        if tif.is_ome:
+            return _ome_pixel_size(tif.ome_metadata)
+        page = tif.pages[0]
+        px, py = page.resolution  # pixels per unit
+        if not (px > 0 and py > 0):
+            return None
+        unit = (tif.imagej_metadata or {}).get("unit") if tif.is_imagej else None
+        if unit and unit not in ("pixel", "pixels", ""):
+            return PixelSize(1 / py, 1 / px, _UNITS.get(unit, unit))
+        if page.resolutionunit == tifffile.RESUNIT.CENTIMETER:
+            return PixelSize(1e4 / py, 1e4 / px)
     return None
 
 
