@@ -36,18 +36,34 @@ def disk_image(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return img.clip(0, 255).astype(np.uint8)
 
 
+def write_disk_pairs(
+    images: Path,
+    masks: Path,
+    count: int,
+    shape: tuple[int, int],
+    *,
+    instances: bool = False,
+    prefix: str = "",
+    seed: int = 0,
+    **disk_options,
+) -> tuple[Path, Path]:
+    """Folders `images` and `masks` (made here) of `count` synthetic disk images, PREFIXk.png,
+    with binary masks (0/255), or uint16 instance labels with `instances`."""
+    rng = np.random.default_rng(seed)
+    images.mkdir()
+    masks.mkdir()
+    for k in range(count):
+        labels = disks(shape, rng, **disk_options)
+        iio.imwrite(images / f"{prefix}{k}.png", disk_image(labels, rng))
+        mask = labels.astype(np.uint16) if instances else ((labels > 0) * 255).astype(np.uint8)
+        iio.imwrite(masks / f"{prefix}{k}.png", mask)
+    return images, masks
+
+
 @pytest.fixture
 def disk_folders(tmp_path: Path) -> tuple[Path, Path]:
     """Folders images/ and masks/ with 4 synthetic 96x120 disk images and binary masks."""
-    rng = np.random.default_rng(0)
-    images, masks = tmp_path / "images", tmp_path / "masks"
-    images.mkdir()
-    masks.mkdir()
-    for i in range(4):
-        labels = disks((96, 120), rng)
-        iio.imwrite(images / f"img{i}.png", disk_image(labels, rng))
-        iio.imwrite(masks / f"img{i}.png", ((labels > 0) * 255).astype(np.uint8))
-    return images, masks
+    return write_disk_pairs(tmp_path / "images", tmp_path / "masks", 4, (96, 120), prefix="img")
 
 
 @pytest.fixture

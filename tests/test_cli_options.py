@@ -55,15 +55,9 @@ def test_stream_applies_to_tiffs_and_leaves_other_formats_whole(model_dir, tmp_p
 
 
 def test_negative_workers_are_refused_before_anything_is_written(tmp_path, capsys):
-    from .conftest import disk_image, disks
+    from .conftest import write_disk_pairs
 
-    rng = np.random.default_rng(0)
-    (tmp_path / "i").mkdir()
-    (tmp_path / "m").mkdir()
-    for k in range(2):
-        labels = disks((60, 60), rng)
-        iio.imwrite(tmp_path / "i" / f"{k}.png", disk_image(labels, rng))
-        iio.imwrite(tmp_path / "m" / f"{k}.png", (labels > 0).astype(np.uint8) * 255)
+    write_disk_pairs(tmp_path / "i", tmp_path / "m", 2, (60, 60))
     argv = ["train", "--images", tmp_path / "i", "--masks", tmp_path / "m", "--out"]
     argv += [tmp_path / "new", *TINY, "--workers", "-1"]
     assert main([str(a) for a in argv]) == 2

@@ -21,7 +21,7 @@ import tifffile
 from biounet.cli import FAULT_ENV, main
 from biounet.durable import set_fault_hook
 
-from .conftest import disk_image, disks
+from .conftest import write_disk_pairs
 
 TRAIN = ["--depth", "2", "--base-channels", "4", "--tile", "28", "--steps", "6"]
 TRAIN += ["--checkpoint-every", "2", "--val-every", "3", "--precision", "fp32", "--seed", "5"]
@@ -31,13 +31,7 @@ TRAIN += ["--device", "cpu", "--workers", "0"]
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("crash")
-    rng = np.random.default_rng(0)
-    (root / "i").mkdir()
-    (root / "m").mkdir()
-    for k in range(3):
-        labels = disks((64, 72), rng, count=4, radius=(6, 12))
-        iio.imwrite(root / "i" / f"{k}.png", disk_image(labels, rng))
-        iio.imwrite(root / "m" / f"{k}.png", ((labels > 0) * 255).astype(np.uint8))
+    write_disk_pairs(root / "i", root / "m", 3, (64, 72), count=4, radius=(6, 12))
     return root
 
 

@@ -11,7 +11,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
@@ -23,7 +22,7 @@ from biounet.durable import set_fault_hook
 from biounet.errors import BiounetError
 from biounet.losses import soft_dice_loss
 
-from .conftest import disk_image, disks
+from .conftest import write_disk_pairs
 
 TRAIN = ["--depth", "2", "--base-channels", "8", "--tile", "36", "--steps", "4"]
 TRAIN += ["--precision", "fp32", "--val-every", "2", "--checkpoint-every", "2"]
@@ -35,13 +34,7 @@ LAUNCH = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h"}
 def folders(tmp_path_factory):
     """Instance masks, so the post-processing fit (rank 0 only) runs too."""
     root = tmp_path_factory.mktemp("ddp")
-    rng = np.random.default_rng(0)
-    (root / "i").mkdir()
-    (root / "m").mkdir()
-    for k in range(4):
-        labels = disks((96, 120), rng)
-        iio.imwrite(root / "i" / f"{k}.png", disk_image(labels, rng))
-        iio.imwrite(root / "m" / f"{k}.png", labels.astype(np.uint16))
+    write_disk_pairs(root / "i", root / "m", 4, (96, 120), instances=True)
     return root
 
 
