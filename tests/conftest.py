@@ -39,7 +39,7 @@ def disk_image(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def write_disk_pairs(
     images: Path,
     masks: Path,
-    count: int,
+    pairs: int,
     shape: tuple[int, int],
     *,
     instances: bool = False,
@@ -47,12 +47,12 @@ def write_disk_pairs(
     seed: int = 0,
     **disk_options,
 ) -> tuple[Path, Path]:
-    """Folders `images` and `masks` (made here) of `count` synthetic disk images, PREFIXk.png,
+    """Folders `images` and `masks` (made here) of `pairs` synthetic disk images, PREFIXk.png,
     with binary masks (0/255), or uint16 instance labels with `instances`."""
     rng = np.random.default_rng(seed)
     images.mkdir()
     masks.mkdir()
-    for k in range(count):
+    for k in range(pairs):
         labels = disks(shape, rng, **disk_options)
         iio.imwrite(images / f"{prefix}{k}.png", disk_image(labels, rng))
         mask = labels.astype(np.uint16) if instances else ((labels > 0) * 255).astype(np.uint8)
