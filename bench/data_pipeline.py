@@ -25,13 +25,14 @@ import numpy as np
 import torch
 
 from _common import median_time
+from biounet.architecture import UNetConfig
 from biounet.augment import AugmentConfig
 from biounet.checkpoints import DirectoryRecorder
 from biounet.data import DataConfig, TileDataset, load_sample, tile_geometry
 from biounet.io import list_images, pair_by_stem
 from biounet.loop import TrainConfig, fit
 from biounet.losses import weighted_cross_entropy
-from biounet.model import UNet, UNetConfig
+from biounet.model import UNet
 from biounet.modeldir import ModelInfo
 from biounet.normalize import NormalizeConfig
 from biounet.precision import autocast, memory_format, resolve_precision

@@ -40,7 +40,8 @@ import tifffile
 import torch
 
 from _common import median_time
-from biounet.model import UNet, UNetConfig
+from biounet.architecture import UNetConfig
+from biounet.model import UNet
 from biounet.modeldir import ModelInfo, save_model
 from biounet.normalize import NormalizeConfig, normalize
 from biounet.precision import autocast, bytes_per_value, memory_format, resolve_precision

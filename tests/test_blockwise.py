@@ -16,11 +16,12 @@ import zarr
 
 from biounet import graph
 from biounet.api import Model
+from biounet.architecture import UNetConfig
 from biounet.cli import main
 from biounet.errors import BiounetError
 from biounet.instances import InstanceConfig, instances_in_chunks
 from biounet.io_zarr import open_zarr_image
-from biounet.model import UNet, UNetConfig
+from biounet.model import UNet
 from biounet.modeldir import ModelInfo, save_model
 from biounet.normalize import (
     merge_counts,

@@ -9,8 +9,8 @@ import pytest
 import tifffile
 import torch
 
+from biounet.architecture import UNetConfig
 from biounet.cli import main
-from biounet.model import UNetConfig
 from biounet.normalize import NormalizeConfig
 from biounet.trainer import SEED_THRESHOLDS
 

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from biounet.architecture import UNetConfig
 from biounet.augment import AugmentConfig
 from biounet.data import (
     DataConfig,
@@ -13,7 +14,6 @@ from biounet.data import (
     weight_map,
 )
 from biounet.errors import BiounetError
-from biounet.model import UNetConfig
 
 from .conftest import disks
 

@@ -10,10 +10,11 @@ import tifffile
 import torch
 
 import biounet.loop as train_module
+from biounet.architecture import UNetConfig
 from biounet.data import DataConfig
 from biounet.errors import BiounetError
 from biounet.loop import TrainConfig, TrainingDiverged, validate
-from biounet.model import UNet, UNetConfig
+from biounet.model import UNet
 from biounet.modeldir import ModelInfo, load_model, save_model
 from biounet.trainer import train_from_folders
 

@@ -151,9 +151,10 @@ def test_pixel_sizes_are_read_from_ome_imagej_and_tags(tmp_path):
 
 def test_outputs_carry_the_inputs_pixel_size(tmp_path):
     """Masks (in memory and streamed), instances and probabilities: OME-TIFFs at 0.65 µm."""
+    from biounet.architecture import UNetConfig
     from biounet.cli import main
     from biounet.io import read_pixel_size
-    from biounet.model import UNet, UNetConfig
+    from biounet.model import UNet
     from biounet.modeldir import ModelInfo, save_model
 
     net = UNetConfig(depth=2, base_channels=4)

@@ -6,8 +6,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from biounet.architecture import UNetConfig
 from biounet.errors import BiounetError
-from biounet.model import BatchDropout2d, UNet, UNetConfig
+from biounet.model import BatchDropout2d, UNet
 
 
 def test_paper_configuration_has_23_convs_31m_parameters_and_maps_572_to_388():

@@ -3,8 +3,9 @@ import pytest
 import tifffile
 import torch
 
+from biounet.architecture import UNetConfig
 from biounet.io import LazyImage
-from biounet.model import UNet, UNetConfig
+from biounet.model import UNet
 from biounet.modeldir import ModelInfo, save_model
 from biounet.predict import PredictConfig, predict_array, predict_files
 

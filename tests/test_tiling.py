@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import torch
 
+from biounet.architecture import UNetConfig
 from biounet.errors import BiounetError
 from biounet.mirror import mirror_crop, mirror_indices
-from biounet.model import UNet, UNetConfig
+from biounet.model import UNet
 from biounet.tiling import (
     auto_tile,
     min_tile,

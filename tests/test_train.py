@@ -5,9 +5,9 @@ import pytest
 import tifffile
 import torch
 
+from biounet.architecture import UNetConfig
 from biounet.data import DataConfig
 from biounet.loop import TrainConfig
-from biounet.model import UNetConfig
 from biounet.modeldir import ModelInfo, load_model
 from biounet.predict import PredictConfig, predict_array
 from biounet.trainer import train_from_folders

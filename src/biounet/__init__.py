@@ -26,7 +26,7 @@ _LAZY = {
     "Model": "biounet.api",
     "train": "biounet.train_api",
     "UNet": "biounet.model",
-    "UNetConfig": "biounet.model",
+    "UNetConfig": "biounet.architecture",
 }
 _SUBMODULES = ("metrics",)
 

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from biounet.architecture import UNetConfig
 from biounet.configs import DEFAULT_MEMORY_MB, OUTPUTS, Tiling
 from biounet.errors import BiounetError
 from biounet.inference import Engine
-from biounet.model import UNet, UNetConfig
+from biounet.model import UNet
 from biounet.modeldir import (
     ModelInfo,
     describe,
@@ -212,8 +213,13 @@ class Model:
             from biounet.configs import PredictConfig
             from biounet.graph import NetSpec, predict_graph
 
-            config = PredictConfig(tile=tile, batch_size=batch_size, memory_mb=memory_mb,
-                                   precision=self.precision, tta=tta)  # fmt: skip
+            config = PredictConfig(
+                tile=tile,
+                batch_size=batch_size,
+                memory_mb=memory_mb,
+                precision=self.precision,
+                tta=tta,
+            )
             spec = NetSpec.of(self._net, self._info, self.precision, self.device)
             return predict_graph(raw, spec, self._info, config, output)
         x = normalize(raw, self._info.normalization)
@@ -231,6 +237,74 @@ class Model:
         if path.exists() and not path.is_dir():
             raise BiounetError(f"{path}: is a file, not a folder; choose another path")
         save_model(path, self._net, self._info)
+
+    def export(
+        self,
+        path: str | Path,
+        format: str = "bioimageio",
+        *,
+        sample=None,
+        name: str | None = None,
+        channel_axis: int | None = None,
+    ) -> Path:
+        """Write the model for other tools: a bioimage.io package, ONNX or TorchScript.
+
+        Every export is float32 and checked against the network before it is written.
+
+        Parameters
+        ----------
+        path : str or Path
+            The file to write: a ``.zip`` for "bioimageio", else any name (``.onnx``,
+            ``.pt``).
+        format : {"bioimageio", "onnx", "torchscript"}
+            "bioimageio": a model package (format 0.5) with all three weight formats, its
+            pre- and post-processing and test tensors; "onnx": the network, dynamic batch,
+            height and width; "torchscript": the network, scripted.
+        sample : array-like, optional
+            "bioimageio" only, and required there: a real image the model is for (any
+            layout `predict` takes); its centre becomes the package's test input.
+        name : str, optional
+            The package's name (default: the model folder's name).
+
+        Returns
+        -------
+        Path
+
+        Examples
+        --------
+        >>> model = biounet.load("bbbc039")
+        >>> model.export("bbbc039.zip", sample=nuclei)  # bioimageio test bbbc039.zip
+        """
+        from biounet.export import FORMATS, check_export_tools, to_onnx, to_torchscript
+
+        if format not in FORMATS:
+            raise BiounetError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
+        path = Path(path)
+        if path.is_dir():
+            raise BiounetError(f"{path}: is a folder; give the file to write")
+        check_export_tools(format)
+        if format == "onnx":
+            to_onnx(self._net, path)
+        elif format == "torchscript":
+            to_torchscript(self._net, path)
+        else:
+            from biounet.bioimageio_package import write_package
+
+            if path.suffix.lower() != ".zip":
+                raise BiounetError(f"{path}: a bioimage.io package is a .zip file; name it so")
+            if sample is None:
+                raise BiounetError("a bioimage.io package needs `sample`, a real image")
+            raw = as_channels_first(sample, self.in_channels, channel_axis)
+            readme = self.source / "README.md" if self.source else None
+            write_package(
+                self._net,
+                self._info,
+                np.asarray(raw),
+                path,
+                name=name or (self.source.name if self.source else "biounet-model"),
+                readme=readme.read_text() if readme and readme.is_file() else None,
+            )
+        return path
 
 
 def as_channels_first(image, channels: int, channel_axis: int | None = None) -> np.ndarray:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from biounet import weightmap
+from biounet.architecture import UNetConfig
 from biounet.augment import AugmentConfig, adjust_gray, center_crop, sample_coordinates, warp
 from biounet.checks import check_number
 from biounet.configs import DataConfig
@@ -28,7 +29,6 @@ from biounet.errors import BiounetError
 from biounet.io import read_image, read_mask
 from biounet.masks import mask_to_classes
 from biounet.mirror import mirror_crop
-from biounet.model import UNetConfig
 from biounet.normalize import NormalizeConfig, normalize
 from biounet.weightmap import (
     carve_borders,

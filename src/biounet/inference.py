@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from biounet.architecture import UNetConfig
 from biounet.configs import Tiling
-from biounet.model import UNet, UNetConfig
+from biounet.model import UNet
 from biounet.normalize import NormalizeConfig, normalize
 from biounet.precision import default_device, resolve_precision
 from biounet.tiling import (

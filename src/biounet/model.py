@@ -1,19 +1,25 @@
 """The U-Net of Ronneberger, Fischer and Brox (2015): the network, block by block.
 
 Its architecture and size arithmetic (`UNetConfig`) live in `biounet.architecture`.
+
+This module imports nothing but torch, so that it also serves, as it is, as the architecture
+source of an exported bioimage.io package (`from_fields`), loadable where biounet is not
+installed.
 """
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from biounet.architecture import PADDINGS, UNetConfig
-from biounet.mirror import center_crop
+if TYPE_CHECKING:
+    from biounet.architecture import UNetConfig
 
-__all__ = ["PADDINGS", "UNet", "UNetConfig", "center_crop"]
+__all__ = ["BatchDropout2d", "UNet", "from_fields"]
 
 
 class DoubleConv(nn.Sequential):
@@ -47,7 +53,18 @@ class Up(nn.Module):
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = self.upconv(x)
-        return self.conv(torch.cat([center_crop(skip, x.shape[-2:]), x], dim=1))
+        return self.conv(torch.cat([crop_like(skip, x), x], dim=1))
+
+
+def crop_like(skip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The central window of `skip` the size of `x` (the paper's "cropping" of the skips).
+
+    The valid network's size differences are even, so the crop is symmetric. Written with
+    tensor sizes only (no Python ints), so traced exports keep height and width dynamic.
+    """
+    top = (skip.shape[-2] - x.shape[-2]) // 2
+    left = (skip.shape[-1] - x.shape[-1]) // 2
+    return skip[..., top : top + x.shape[-2], left : left + x.shape[-1]]
 
 
 class BatchDropout2d(nn.Module):
@@ -81,7 +98,11 @@ class UNet(nn.Module):
 
     def __init__(self, config: UNetConfig | None = None) -> None:
         super().__init__()
-        self.config = config = config or UNetConfig()
+        if config is None:
+            from biounet.architecture import UNetConfig
+
+            config = UNetConfig()
+        self.config = config
         c, p, bn = config.base_channels, config.padding, config.batch_norm
         widths = [c * 2**level for level in range(config.depth + 1)]
         self.inc = DoubleConv(config.in_channels, widths[0], p, bn)
@@ -124,3 +145,12 @@ class UNet(nn.Module):
     def num_conv_layers(self) -> int:
         """Convolutions, up-convolutions included (the paper counts 23 at depth 4)."""
         return sum(isinstance(m, nn.Conv2d | nn.ConvTranspose2d) for m in self.modules())
+
+
+def from_fields(**fields) -> UNet:
+    """The network of `UNetConfig` ``fields`` (depth, base_channels, ...), given by name.
+
+    For loaders that know no `UNetConfig`: a bioimage.io package names this function and the
+    fields as its architecture. The fields are taken as they are; `UNetConfig` checks them.
+    """
+    return UNet(SimpleNamespace(**fields))

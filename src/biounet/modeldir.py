@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from biounet import __version__
+from biounet.architecture import UNetConfig
 from biounet.errors import BiounetError
 from biounet.io import (
     CONFIG_NAME,
@@ -26,7 +27,7 @@ from biounet.io import (
     save_tensors,
     write_json,
 )
-from biounet.model import UNet, UNetConfig
+from biounet.model import UNet
 from biounet.normalize import NormalizeConfig
 
 WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -31,10 +31,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from biounet.architecture import UNetConfig
 from biounet.configs import DEFAULT_MEMORY_MB, Tiling
 from biounet.errors import BiounetError
 from biounet.mirror import mirror_crop
-from biounet.model import UNet, UNetConfig
+from biounet.model import UNet
 from biounet.precision import autocast, bytes_per_value, memory_format
 
 # Allocator slack and oneDNN's reordered copies over the live feature maps counted by

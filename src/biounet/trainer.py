@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from biounet.architecture import UNetConfig
 from biounet.augment import AugmentConfig
 from biounet.checkpoints import (
     CHECKPOINTS,
@@ -48,7 +49,7 @@ from biounet.io import (
 )
 from biounet.loop import Callback, Recorder, TrainConfig, TrainState, fit
 from biounet.metrics import instance_scores, pool_instance_scores
-from biounet.model import UNet, UNetConfig
+from biounet.model import UNet
 from biounet.modeldir import ModelInfo, default_class_names, load_model
 from biounet.normalize import NormalizeConfig, normalize
 from biounet.options import split_options

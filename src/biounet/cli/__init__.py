@@ -13,7 +13,7 @@ import signal
 import sys
 
 from biounet import __version__
-from biounet.cli import models, predict, tools, train
+from biounet.cli import export, models, predict, tools, train
 from biounet.cli.common import as_flags
 from biounet.errors import BiounetError
 
@@ -50,7 +50,7 @@ def _rank() -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="biounet",
-        description="The U-Net of Ronneberger et al. (2015): train, predict, inspect.",
+        description="The U-Net of Ronneberger et al. (2015): train, predict, inspect, export.",
     )
     p.add_argument("--version", action="version", version=f"biounet {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     tools.add_weights(sub)
     tools.add_augment(sub)
     predict.add_parser(sub)
+    export.add_parser(sub)
     return p
 
 

@@ -1,0 +1,76 @@
+"""`biounet export`: a model as a bioimage.io package, ONNX or TorchScript file."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from biounet.cli.common import DATA_ENV, data_path, model_path, say
+from biounet.errors import BiounetError
+
+FORMATS = ("bioimageio", "onnx", "torchscript")  # biounet.export.FORMATS, without torch
+
+
+def add_parser(sub) -> None:
+    q = sub.add_parser("export", help="write a model as a bioimage.io package, ONNX or TorchScript")
+    q.add_argument("model_dir", type=Path, help="a model directory, or a shipped model's name")
+    q.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="bioimageio",
+        help="bioimageio (default): a model zip with all three weight formats; "
+        "onnx, torchscript: the network alone",
+    )
+    q.add_argument(
+        "--out", type=Path, required=True, help="the file to write (PKG.zip for bioimageio)"
+    )
+    q.add_argument(
+        "--sample",
+        type=Path,
+        metavar="IMAGE",
+        help="bioimageio: a real image for the test tensors (default: the model's "
+        f"first training image, found where it was or under ${DATA_ENV}/NAME/images)",
+    )
+    q.add_argument("--name", help="bioimageio: the package's name (default: the folder's)")
+    q.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from biounet.api import load
+    from biounet.io import read_image
+    from biounet.modeldir import load_info
+
+    folder = model_path(args.model_dir)
+    if args.format == "bioimageio" and args.out.suffix.lower() != ".zip":
+        raise BiounetError(f"{args.out}: a bioimage.io package is a .zip file; name it so")
+    sample = None
+    if args.format == "bioimageio":
+        info = load_info(folder)
+        found = args.sample or sample_image(folder, info.training)
+        if found is None:
+            raise BiounetError(
+                f"{folder}: no sample image found for the package's test tensors; give "
+                f"--sample IMAGE (a real image the model is for) or set {DATA_ENV}"
+            )
+        sample = read_image(found, info.net.in_channels)
+    model = load(folder, device="cpu", precision="fp32")
+    model.export(args.out, args.format, sample=sample, name=args.name)
+    say(args, f"wrote {args.out} ({args.format}, from {folder})")
+    return 0
+
+
+def sample_image(folder: Path, training: dict | None) -> Path | None:
+    """The model's first training image still on disk: in the recorded folder (relative
+    paths also under $BIOUNET_DATA), else by name under $BIOUNET_DATA/<model name>/images."""
+    training = training or {}
+    names, images = training.get("train_files") or [], training.get("images")
+    root = os.environ.get(DATA_ENV)
+    places = [data_path(Path(images))] if images else []
+    if root:
+        places.append(Path(root) / folder.resolve().name / "images")
+    for place in places:
+        for name in names[:8]:
+            if (place / name).is_file():
+                return place / name
+    return None
