@@ -207,7 +207,8 @@ def test_train_starts_from_a_model(tmp_path):
 
 
 def test_the_wheel_carries_the_shipped_models(tmp_path):
-    """An installed wheel finds the models by name: they travel as its data files."""
+    """An installed wheel finds the models by name: they travel as its data files; napari
+    finds the plugin's manifest."""
     import zipfile
 
     root = README.parent
@@ -221,6 +222,10 @@ def test_the_wheel_carries_the_shipped_models(tmp_path):
         for name in ("config.json", "weights.safetensors", "README.md"):
             data = f"biounet-{biounet.__version__}.data/data/share/biounet/models/{model}/{name}"
             assert data in names, data
+    # the napari plugin's manifest, and the entry point napari finds it by
+    assert "biounet/napari/napari.yaml" in names
+    entry = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "biounet = biounet.napari:napari.yaml" in zipfile.ZipFile(wheel).read(entry).decode()
 
 
 @pytest.mark.parametrize("shape", [(1, 53), (37, 1), (1, 1), (1, 1, 9)])

@@ -184,13 +184,25 @@ def test_ome_zarr_in_ome_zarr_out(saved, tmp_path, version):
         assert main([str(a) for a in ["predict", model_dir, tmp_path / name, "--out", folder,
                                       *flags]]) == 0  # fmt: skip
     want = tifffile.imread(tmp_path / "tif" / "cells.tif")
-    labels = open_zarr_image(out / "cells.ome.zarr")
-    assert labels.axes == ("y", "x") and labels.ome["y"] == {
-        "unit": "micrometer", "scale": 0.65, "translation": 0.0
-    }  # fmt: skip
+    # NGFF: the image is the objects' mask, the instances its labels image labels/instances;
+    # both at the input's pixel size
+    result = out / "cells.ome.zarr"
+    calibrated = {"unit": "micrometer", "scale": 0.65, "translation": 0.0}
+    mask, labels = open_zarr_image(result), open_zarr_image(result / "labels" / "instances")
+    for image in (mask, labels):
+        assert image.axes == ("y", "x") and image.ome["y"] == calibrated == image.ome["x"]
     assert np.array_equal(labels.array[:], want) and want.max() > 0
-    meta = json.loads((out / "cells.ome.zarr" / "zarr.json").read_text())
-    assert meta["attributes"]["ome"]["version"] == "0.5"
+    assert mask.array.dtype == np.uint8 and np.array_equal(mask.array[:], want > 0)
+    assert json.loads((result / "zarr.json").read_text())["attributes"]["ome"]["version"] == "0.5"
+    from ome_zarr_models.v05.image import Image
+    from ome_zarr_models.v05.image_label import ImageLabel
+    from ome_zarr_models.v05.labels import Labels
+
+    Image.from_zarr(zarr.open_group(str(result), mode="r"))  # each validates as NGFF 0.5
+    group = Labels.from_zarr(zarr.open_group(str(result / "labels"), mode="r"))
+    assert group.label_paths == ["instances"]
+    label = ImageLabel.from_zarr(zarr.open_group(str(result / "labels" / "instances"), mode="r"))
+    assert label.attributes.ome.image_label is not None
 
 
 def test_zarr_array_in_zarr_out(saved, tmp_path):

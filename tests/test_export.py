@@ -74,6 +74,18 @@ def test_onnx_has_dynamic_height_and_width_and_equals_network(paper_net, tmp_pat
     assert got.shape == (1, 2, 388, 388) and np.abs(got - want).max() <= 1e-4
 
 
+@pytest.mark.parametrize(
+    "fields", [{"dropout": 0.5}, {"batch_norm": True, "in_channels": 3, "num_classes": 3}]
+)
+def test_dropout_and_batch_norm_networks_export(fields, tmp_path):
+    torch.manual_seed(1)
+    net = UNet(UNetConfig(depth=2, base_channels=4, **fields)).eval()
+    for write, runner in ((to_torchscript, torchscript_runner), (to_onnx, onnx_runner)):
+        path = tmp_path / f"net.{write.__name__}"
+        write(net, path)
+        assert check_exported(net, runner(path), write.__name__, [44, 60]) <= 1e-4
+
+
 def test_check_exported_catches_a_different_network(paper_net):
     other = _paper_net()
     with torch.no_grad():
@@ -145,23 +157,17 @@ def test_shipped_model_package_passes_bioimageio_test(name, tmp_path):
     if not (SHARED_DATA / name / "images").is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (../shared/data beside the checkout)")
     package = tmp_path / f"{name}.zip"
-    env = {**os.environ, "BIOUNET_DATA": str(SHARED_DATA)}
+    # The acceptance command as a user types it in the checkout: the sample image (the
+    # model's first training image) is found in ../shared/data without being named.
+    env = {k: v for k, v in os.environ.items() if k != "BIOUNET_DATA"}
+    command = ["export", f"models/{name}", "--format", "bioimageio", "--out", str(package)]
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "biounet",
-            "export",
-            str(MODELS / name),
-            "--format",
-            "bioimageio",
-            "--out",
-            str(package),
-        ],
+        [sys.executable, "-m", "biounet", *command],
         capture_output=True,
         text=True,
         env=env,
         timeout=600,
+        cwd=MODELS.parent,
     )
     assert done.returncode == 0, done.stderr
     names = set(zipfile.ZipFile(package).namelist())
@@ -228,7 +234,8 @@ def test_padded_model_package_with_halo_passes_bioimageio_test(tmp_path):
 
 
 def test_bioimageio_test_fails_a_package_that_does_not_reproduce(tmp_path, monkeypatch):
-    """The check can fail: a package whose test output is off by 0.01 in one pixel."""
+    """The check can fail: a package whose test output is off by 0.01 in one pixel fails
+    exactly its reproduction, with every weight format."""
     import biounet.bioimageio_package as bp
 
     real = bp.test_tensors
@@ -242,10 +249,13 @@ def test_bioimageio_test_fails_a_package_that_does_not_reproduce(tmp_path, monke
     folder = _small_model(tmp_path)
     package = tmp_path / "off.zip"
     sample = np.random.default_rng(1).random((60, 60))
-    biounet.load(folder).export(package, sample=sample)
+    biounet.load(folder).export(package, sample=sample, name="em")
+    assert "name: biounet em" in zipfile.ZipFile(package).read("rdf.yaml").decode()
     done = bioimageio_test(package, tmp_path)
+    report = done.stdout + done.stderr
     assert done.returncode != 0
-    assert "Reproduce test outputs" in done.stdout + done.stderr
+    for fmt in ("onnx", "pytorch_state_dict", "torchscript"):
+        assert re.search(rf"❌\s+weights\.{fmt}\s+Reproduce test outputs", report), report
 
 
 # -- bad requests ---------------------------------------------------------------------------
@@ -295,19 +305,60 @@ def test_bad_export_requests_are_refused_in_one_line(tmp_path, capsys, monkeypat
         "nowhere",
         tmp_path / "x.onnx",
     )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.onnx", "small", "tiny.tif"]
-
-
-def test_missing_export_extra_is_named(tmp_path, capsys, monkeypatch):
-    folder = _small_model(tmp_path)
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "onnxruntime" else real(name, *a),
+    model_file = str(folder / "config.json")
+    _refused(
+        capsys,
+        ["export", str(folder), "--format", "onnx", "--out", model_file],
+        "is a file of the model itself",
     )
     _refused(
         capsys,
-        ["export", str(folder), "--format", "onnx", "--out", str(tmp_path / "x.onnx")],
+        ["export", str(folder), "--format", "onnx", "--out", str(tiny / "x.onnx")],
+        "is a file, not a folder",
+    )
+    _refused(
+        capsys,
+        [
+            "export",
+            str(folder),
+            "--format",
+            "onnx",
+            "--sample",
+            str(tiny),
+            "--out",
+            str(tmp_path / "x.onnx"),
+        ],
+        "--sample and --name",
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.onnx", "small", "tiny.tif"]
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "weights.safetensors"]
+
+
+@pytest.mark.parametrize(
+    ("missing", "fmt"), [("onnxruntime", "onnx"), ("bioimageio", "bioimageio")]
+)
+def test_missing_export_extra_is_named(missing, fmt, tmp_path, capsys, monkeypatch):
+    """As on an install without the extra: the module, or a dotted name's parent, is absent."""
+    folder = _small_model(tmp_path)
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        if name.split(".")[0] == missing:
+            if "." in name:
+                raise ModuleNotFoundError(name)
+            return None
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    sample = tmp_path / "s.tif"
+    import tifffile
+
+    tifffile.imwrite(sample, np.zeros((64, 64), np.uint8))
+    extra = ["--sample", str(sample)] if fmt == "bioimageio" else []
+    out = tmp_path / "x.zip"
+    _refused(
+        capsys,
+        ["export", str(folder), "--format", fmt, "--out", str(out), *extra],
         "pip install 'biounet[export]'",
+        out,
     )

@@ -280,8 +280,7 @@ class Model:
         if format not in FORMATS:
             raise BiounetError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
         path = Path(path)
-        if path.is_dir():
-            raise BiounetError(f"{path}: is a folder; give the file to write")
+        _check_export_path(path, self.source)
         check_export_tools(format)
         if format == "onnx":
             to_onnx(self._net, path)
@@ -346,6 +345,23 @@ def as_channels_first(image, channels: int, channel_axis: int | None = None) -> 
             "(give channel_axis= for another layout)"
         )
     return arr
+
+
+def _check_export_path(path: Path, model_dir: Path | None) -> None:
+    """Refuse, before any work, a path an export cannot or must not be written to."""
+    import os
+
+    if path.is_dir():
+        raise BiounetError(f"{path}: is a folder; give the file to write")
+    parent = next((p for p in (path.absolute(), *path.absolute().parents) if p.exists()), None)
+    if parent is not None and parent != path.absolute():
+        if not parent.is_dir():
+            raise BiounetError(f"{parent}: is a file, not a folder; choose another path")
+        if not os.access(parent, os.W_OK):
+            raise BiounetError(f"{parent}: cannot be written to; choose another path")
+    inside = model_dir is not None and path.absolute().parent == model_dir.absolute()
+    if inside and path.exists():
+        raise BiounetError(f"{path}: is a file of the model itself; write the export elsewhere")
 
 
 def _is_dask(image) -> bool:

@@ -20,7 +20,10 @@ The package is described with ``bioimageio.spec``'s own classes and zipped by it
 from __future__ import annotations
 
 import gc
+import keyword
 import logging
+import re
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -109,28 +112,41 @@ def write_package(
         Markdown documentation (the model's README); a summary is written where None.
     """
     from bioimageio.spec import save_bioimageio_package
+    from pydantic import ValidationError
 
-    check_normalization(info, sample.dtype)
+    test_side(info.net, *sample.shape[-2:])  # refuses a too small sample before any work
+    name = package_name(name)
     # bioimageio.spec 0.5 leaves the files it hashes open for the garbage collector to close;
     # that says nothing about the package, which is complete and closed when written.
     with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix=".biounet-bio-") as work:
         warnings.simplefilter("ignore", ResourceWarning)
-        descr = describe(net, info, sample, Path(work), name=name, readme=readme)
+        try:
+            descr = describe(net, info, sample, Path(work), name=name, readme=readme)
+        except ValidationError as exc:  # what bioimage.io allows that biounet does not check
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            message = f"the package description is invalid at {where}: {first['msg']}"
+            raise BiounetError(message) from None
+        packed = save_bioimageio_package(descr, output_path=Path(work) / "package.zip")
         with atomic_path(Path(out)) as tmp:
-            tmp.unlink()  # the packer refuses to overwrite
-            save_bioimageio_package(descr, output_path=tmp.with_suffix(".zip"))
-            tmp.with_suffix(".zip").rename(tmp)
+            shutil.copyfile(packed, tmp)
         del descr
         gc.collect()
     return Path(out)
 
 
-def check_normalization(info: ModelInfo, dtype: np.dtype) -> None:
-    """Refuse what a package's fixed pre-processing cannot reproduce."""
-    if info.normalization.method == "dtype" and not (
-        np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
-    ):
-        raise BiounetError(f"the sample image's type {dtype} is not a number type")
+def package_name(name: str) -> str:
+    """`name` as bioimage.io takes it: 5 to 128 letters, digits, spaces and ``_+-()``.
+
+    Examples
+    --------
+    >>> package_name("mito.v2")
+    'mito-v2'
+    >>> package_name("em")
+    'biounet em'
+    """
+    clean = re.sub(r"[^A-Za-z0-9_+\- ()]", "-", name).strip()[:128]
+    return clean if len(clean) >= 5 else f"biounet {clean}".strip()[:128]
 
 
 def describe(
@@ -201,11 +217,27 @@ def _input(bio, info: ModelInfo, dtype: np.dtype, test_tensor: Path):
                 for a in ("y", "x")
             ),
         ],
+        description=_input_description(info, dtype),
         test_tensor=bio.FileDescr(source=test_tensor),
         sample_tensor=bio.FileDescr(source=test_tensor.with_suffix(".tif")),
         data=bio.IntervalOrRatioDataDescr(type="float32"),
         preprocessing=_preprocessing(bio, info, dtype),
     )
+
+
+def _input_description(info: ModelInfo, dtype: np.dtype) -> str:
+    norm = info.normalization
+    if norm.method == "percentile":
+        return (
+            f"raw intensities, any range: per image and channel, the {norm.low:g}th and "
+            f"{norm.high:g}th percentiles become 0 and 1"
+        )
+    if norm.method == "dtype" and np.issubdtype(dtype, np.integer):
+        return (
+            f"raw {np.dtype(dtype).name} intensities, divided by {np.iinfo(dtype).max} "
+            f"(give {np.dtype(dtype).name} images: the scale is that type's range)"
+        )
+    return "intensities as the model was trained on them (no normalisation)"
 
 
 def _preprocessing(bio, info: ModelInfo, dtype: np.dtype) -> list:
@@ -250,7 +282,7 @@ def _output(bio, info: ModelInfo, test_tensor: Path):
     names = [bio.Identifier(_identifier(n)) for n in info.class_names]
     return bio.OutputTensorDescr(
         id=bio.TensorId(OUTPUT_ID),
-        description="class probabilities: " + ", ".join(info.class_names),
+        description=_shorten("class probabilities: " + ", ".join(info.class_names)),
         axes=[bio.BatchAxis(), bio.ChannelAxis(channel_names=names), *space],
         test_tensor=bio.FileDescr(source=test_tensor),
         sample_tensor=bio.FileDescr(source=test_tensor.with_suffix(".tif")),
@@ -348,6 +380,12 @@ def _class_tags(info: ModelInfo) -> list[str]:
 
 
 def _identifier(text: str) -> str:
-    """A channel name bioimage.io accepts (a Python identifier)."""
+    """A channel name bioimage.io accepts: a Python identifier, not a keyword."""
     word = "".join(c if c.isalnum() else "_" for c in text)
-    return word if word[:1].isalpha() else f"c_{word}"
+    word = word if word[:1].isalpha() else f"c_{word}"
+    return f"{word}_" if keyword.iskeyword(word) else word
+
+
+def _shorten(text: str, limit: int = 128) -> str:
+    """bioimage.io's tensor descriptions hold at most 128 characters."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -46,13 +46,20 @@ TOOLS = {
 
 def check_export_tools(format: str) -> None:
     """Refuse, before any work, an export whose libraries are not installed."""
-    import importlib.util
-
-    missing = [m for m in TOOLS[format] if importlib.util.find_spec(m) is None]
+    missing = [m for m in TOOLS[format] if not _installed(m)]
     if missing:
         raise BiounetError(
             f"exporting {format} needs {', '.join(missing)}: pip install 'biounet[export]'"
         )
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:  # a dotted name raises where its parent package is missing
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def inference_copy(net: UNet) -> UNet:

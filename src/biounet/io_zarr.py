@@ -267,9 +267,33 @@ def create_output(
     return zarr.open_array(str(Path(folder) / "0"), mode="r+")
 
 
+LABELS = "instances"  # the NGFF labels image instance outputs are written as
+
+
+def create_labels(folder: Path, shape: tuple[int, int], dtype, chunks: tuple[int, ...],
+                  ome: dict, attributes: dict | None = None, name: str = LABELS):  # fmt: skip
+    """An empty NGFF labels image ``folder/labels/<name>`` inside the OME-Zarr image `folder`
+    (made by `create_output`): the ``labels`` group lists it, and its own metadata is an
+    image's (same axes and scale) plus ``image-label`` pointing back at the image."""
+    import zarr
+
+    labels = Path(folder) / "labels"
+    zarr.open_group(str(labels), mode="w", zarr_format=3,
+                    attributes={"ome": {"version": "0.5", "labels": [name]}})  # fmt: skip
+    array = create_output(labels / name, shape, dtype, chunks, ome, attributes, name=name)
+    group = zarr.open_group(str(labels / name), mode="r+")
+    group.attrs["ome"] = {**group.attrs["ome"], "image-label": {"source": {"image": "../../"}}}
+    return array
+
+
 def open_output(folder: Path):
-    """The output array `create_output` made in `folder` (its level ``0`` for OME-Zarr)."""
+    """The output array `create_output` made in `folder`: its level ``0`` for OME-Zarr, and
+    the labels image's level ``0`` where instance labels were written as NGFF labels."""
     import zarr
 
     node = zarr.open(str(folder), mode="r")
-    return node["0"] if isinstance(node, zarr.Group) else node
+    if not isinstance(node, zarr.Group):
+        return node
+    if (Path(folder) / "labels" / LABELS / "0").is_dir():
+        return node["labels"][LABELS]["0"]
+    return node["0"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
@@ -78,12 +78,15 @@ class BatchDropout2d(nn.Module):
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
-        self.rows: tuple[int, int] | None = None  # (offset, total); None: the batch itself
+        # (offset, total); None: the batch itself. Typed for TorchScript, which scripts the
+        # network for export (`biounet.export`).
+        self.rows: Optional[tuple[int, int]] = None  # noqa: UP045
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
-        offset, total = self.rows or (0, x.shape[0])
+        rows = self.rows
+        offset, total = (0, x.shape[0]) if rows is None else rows
         keep = torch.empty((total, x.shape[1], 1, 1), dtype=x.dtype, device=x.device)
         keep.bernoulli_(1.0 - self.p)
         return x * keep[offset : offset + x.shape[0]] / (1.0 - self.p)

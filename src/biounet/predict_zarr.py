@@ -20,6 +20,7 @@ from biounet.durable import atomic_dir, fault_point
 from biounet.errors import BiounetError
 from biounet.io_zarr import (
     ZarrImage,
+    create_labels,
     create_output,
     is_zarr,
     open_output,
@@ -114,9 +115,20 @@ def predict_blockwise(spec, info, item: BlockwiseInput, config, scheduler=None) 
         }
     }
     with atomic_dir(item.target) as tmp:
-        array = create_output(tmp, result.shape, result.dtype, chunks, item.ome, attributes,
-                              name=zarr_stem(item.target))  # fmt: skip
-        da.store(result, array, lock=False, compute=True, scheduler=scheduler)
+        name = zarr_stem(item.target)
+        if config.output == "instances" and item.ome is not None:
+            # NGFF: labels live in an image. The image is the objects' mask (0/1, uint8),
+            # the labels image `labels/instances`; one pass computes both.
+            mask = create_output(tmp, result.shape, np.uint8, chunks, item.ome, attributes,
+                                 name=name)  # fmt: skip
+            labels = create_labels(tmp, result.shape, result.dtype, chunks, item.ome,
+                                   attributes)  # fmt: skip
+            sources, targets = [(result > 0).astype(np.uint8), result], [mask, labels]
+        else:
+            array = create_output(tmp, result.shape, result.dtype, chunks, item.ome,
+                                  attributes, name=name)  # fmt: skip
+            sources, targets = [result], [array]
+        da.store(sources, targets, lock=False, compute=True, scheduler=scheduler)
         fault_point(f"{item.target.name}: blocks written")
     log.info("wrote %s", item.target)
     return item.target

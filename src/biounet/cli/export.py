@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
         type=Path,
         metavar="IMAGE",
         help="bioimageio: a real image for the test tensors (default: the model's "
-        f"first training image, found where it was or under ${DATA_ENV}/NAME/images)",
+        f"first training image, where it was or under ${DATA_ENV}/NAME/images)",
     )
     q.add_argument("--name", help="bioimageio: the package's name (default: the folder's)")
     q.set_defaults(func=cmd_export)
@@ -42,6 +42,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from biounet.modeldir import load_info
 
     folder = model_path(args.model_dir)
+    if args.format != "bioimageio" and (args.sample or args.name):
+        raise BiounetError(f"--sample and --name are for --format bioimageio, not {args.format}")
     if args.format == "bioimageio" and args.out.suffix.lower() != ".zip":
         raise BiounetError(f"{args.out}: a bioimage.io package is a .zip file; name it so")
     sample = None
@@ -50,8 +52,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         found = args.sample or sample_image(folder, info.training)
         if found is None:
             raise BiounetError(
-                f"{folder}: no sample image found for the package's test tensors; give "
-                f"--sample IMAGE (a real image the model is for) or set {DATA_ENV}"
+                f"{folder}: no sample image found for the package's test tensors; give --sample "
+                f"IMAGE (a real image the model is for) or set {DATA_ENV} to the data folder"
             )
         sample = read_image(found, info.net.in_channels)
     model = load(folder, device="cpu", precision="fp32")
@@ -60,15 +62,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# Where `make demo` and the tests find the real data when $BIOUNET_DATA is not set.
+DEFAULT_DATA = Path("..") / "shared" / "data"
+
+
 def sample_image(folder: Path, training: dict | None) -> Path | None:
-    """The model's first training image still on disk: in the recorded folder (relative
-    paths also under $BIOUNET_DATA), else by name under $BIOUNET_DATA/<model name>/images."""
+    """The model's first training image still on disk: in the recorded folder (a relative
+    one also under $BIOUNET_DATA), else by name in ``NAME/images`` of the data folder
+    ($BIOUNET_DATA, else ../shared/data as for ``make demo``), NAME the model folder's."""
     training = training or {}
     names, images = training.get("train_files") or [], training.get("images")
-    root = os.environ.get(DATA_ENV)
+    root = Path(os.environ.get(DATA_ENV) or DEFAULT_DATA)
     places = [data_path(Path(images))] if images else []
-    if root:
-        places.append(Path(root) / folder.resolve().name / "images")
+    places.append(root / folder.resolve().name / "images")
     for place in places:
         for name in names[:8]:
             if (place / name).is_file():
