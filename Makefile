@@ -27,6 +27,7 @@ XPKGS := xvfb libxcb-cursor0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-
 display:
 	@{ command -v Xvfb >/dev/null && ldconfig -p | grep -q libxcb-cursor; } || \
 	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		echo "make test: installing Xvfb and Qt's X libraries (Debian packages) for the napari GUI test" && \
 		{ apt-get install -y -q $(XPKGS) >/dev/null 2>&1 || \
 		  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(XPKGS) >/dev/null 2>&1; }; }; } || \
 	echo "make test: could not install Xvfb and Qt's X libraries (apt-get install $(XPKGS)); the napari GUI test will skip"

@@ -184,33 +184,49 @@ def _display_unavailable() -> str | None:
     return None
 
 
-def _start_xvfb() -> tuple[subprocess.Popen, str]:
-    """Xvfb on a display number it picks itself (no clash with another test run)."""
+def _start_xvfb(log: Path) -> tuple[subprocess.Popen, str]:
+    """Xvfb on a display number it picks itself (no clash with another test run), once its
+    socket accepts connections (it may name the display a moment before)."""
     import select
+    import socket
+    import time
 
     read, write = os.pipe()
-    xvfb = subprocess.Popen(
-        ["Xvfb", "-displayfd", str(write), "-screen", "0", "1280x900x24", "-nolisten", "tcp"],
-        pass_fds=(write,),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    with log.open("w") as err:
+        xvfb = subprocess.Popen(
+            ["Xvfb", "-displayfd", str(write), "-screen", "0", "1280x900x24", "-nolisten", "tcp"],
+            pass_fds=(write,),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
     os.close(write)
-    ready, _, _ = select.select([read], [], [], 30)
-    number = os.read(read, 16).decode().strip() if ready else ""
+    text, deadline = b"", time.monotonic() + 30
+    # Xvfb writes the number, then the newline: closing our end before the newline arrives
+    # kills it ("Cannot write display number to fd").
+    while not text.endswith(b"\n") and time.monotonic() < deadline:
+        ready, _, _ = select.select([read], [], [], 1)
+        chunk = os.read(read, 16) if ready else b""
+        if ready and not chunk:  # Xvfb closed it: it is gone
+            break
+        text += chunk
     os.close(read)
-    if not number:
-        xvfb.kill()
-        pytest.skip(f"Xvfb did not start: {xvfb.communicate()[1].strip()[-300:]}")
-    return xvfb, f":{number}"
+    number = text.decode().strip()
+    deadline = time.monotonic() + 30
+    while number and time.monotonic() < deadline and xvfb.poll() is None:
+        with socket.socket(socket.AF_UNIX) as probe:
+            if probe.connect_ex(f"/tmp/.X11-unix/X{number}") == 0:
+                return xvfb, f":{number}"
+        time.sleep(0.1)
+    xvfb.kill()
+    xvfb.wait()
+    pytest.skip(f"Xvfb did not start (display {number or '?'}): {log.read_text()[-300:]}")
 
 
 def test_real_viewer_with_docked_widget_segments(tmp_path):
     reason = _display_unavailable()
     if reason:
         pytest.skip(reason)
-    xvfb, display = _start_xvfb()
+    xvfb, display = _start_xvfb(tmp_path / "xvfb.log")
     try:
         env = {
             **os.environ,
@@ -224,7 +240,8 @@ def test_real_viewer_with_docked_widget_segments(tmp_path):
         done = subprocess.run(
             [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600
         )
-        assert done.returncode == 0 and "GUI OK" in done.stdout, done.stdout + done.stderr[-4000:]
+        report = done.stdout + done.stderr[-4000:] + (tmp_path / "xvfb.log").read_text()[-1000:]
+        assert done.returncode == 0 and "GUI OK" in done.stdout, report
     finally:
         xvfb.terminate()
-        xvfb.communicate(timeout=30)  # waits, and closes its stderr pipe
+        xvfb.wait(timeout=30)

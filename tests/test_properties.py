@@ -4,6 +4,7 @@ numpy's reflection, and images and masks survive a write and a read unchanged.""
 
 import numpy as np
 import tifffile
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -16,6 +17,7 @@ from biounet.tiling import min_tile, model_forward, plan_tiles, predict_tiled, p
 FEW = settings(
     max_examples=15, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
 )
+torch.manual_seed(0)  # the same networks every run: a failing example reproduces
 NETS = {
     (depth, padding): UNet(UNetConfig(depth=depth, base_channels=2, padding=padding))
     for depth in (1, 2)
@@ -44,7 +46,9 @@ def test_tiled_prediction_equals_whole_image_prediction(
     tiled = predict_tiled(forward, image, plan_tiles(config, (height, width), tile), 2, batch)
     whole = predict_whole(forward, image, config)
     assert tiled.shape == (2, height, width)
-    np.testing.assert_allclose(tiled, whole, atol=2e-5)
+    # float32 rounding grows with the logits (|x| ~ 30 for He-initialised nets on unit-normal
+    # input: seen 4e-5 apart, 1.6e-6 relative); a real seam or misplaced tile is off by O(1).
+    np.testing.assert_allclose(tiled, whole, rtol=1e-5, atol=2e-5)
 
 
 @FEW
