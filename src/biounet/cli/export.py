@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
         type=Path,
         metavar="IMAGE",
         help="bioimageio: a real image for the test tensors (default: the model's "
-        f"first training image, where it was or under ${DATA_ENV}/NAME/images)",
+        f"first training image, where it was or in NAME/images of ${DATA_ENV} or ../shared/data)",
     )
     q.add_argument("--name", help="bioimageio: the package's name (default: the folder's)")
     q.set_defaults(func=cmd_export)
