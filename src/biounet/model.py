@@ -154,6 +154,7 @@ def from_fields(**fields) -> UNet:
     """The network of `UNetConfig` ``fields`` (depth, base_channels, ...), given by name.
 
     For loaders that know no `UNetConfig`: a bioimage.io package names this function and the
-    fields as its architecture. The fields are taken as they are; `UNetConfig` checks them.
+    fields as its architecture. The fields are taken as they are: biounet checks them (as a
+    `UNetConfig`) when it writes the package; a loader without biounet does not.
     """
     return UNet(SimpleNamespace(**fields))
