@@ -279,9 +279,12 @@ class Model:
 
         if format not in FORMATS:
             raise BiounetError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
+        from biounet.durable import remove_leftovers
+
         path = Path(path)
         _check_export_path(path, self.source)
         check_export_tools(format)
+        remove_leftovers(path.parent)  # what a killed export left beside its file
         if format == "onnx":
             to_onnx(self._net, path)
         elif format == "torchscript":

@@ -125,7 +125,10 @@ def write_package(
         except ValidationError as exc:  # what bioimage.io allows that biounet does not check
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            message = f"the package description is invalid at {where}: {first['msg']}"
+            message = (
+                f"the package description is invalid at {where}: {first['msg']}; "
+                "choose another package name, or rename the model's classes"
+            )
             raise BiounetError(message) from None
         packed = save_bioimageio_package(descr, output_path=Path(work) / "package.zip")
         with atomic_path(Path(out)) as tmp:

@@ -56,6 +56,12 @@ def cmd_export(args: argparse.Namespace) -> int:
                 f"IMAGE (a real image the model is for) or set {DATA_ENV} to the data folder"
             )
         sample = read_image(found, info.net.in_channels)
+        from biounet.bioimageio_package import test_side
+
+        try:  # before the model is loaded, and naming the file
+            test_side(info.net, *sample.shape[-2:])
+        except BiounetError as exc:
+            raise BiounetError(f"{found}: {exc}") from None
     model = load(folder, device="cpu", precision="fp32")
     model.export(args.out, args.format, sample=sample, name=args.name)
     say(args, f"wrote {args.out} ({args.format}, from {folder})")
