@@ -52,6 +52,13 @@ def _torchrun(args, processes=2, fault=None):
     return subprocess.run(cmd, env=_env(fault), capture_output=True, text=True, timeout=300)
 
 
+def _said(done: subprocess.CompletedProcess) -> str:
+    """What a failed launch printed: its start (where it went wrong) and its end (torchrun's
+    report); the middle of a long log says little."""
+    err = done.stderr
+    return err if len(err) <= 4000 else f"{err[:2500]}\n[...]\n{err[-1500:]}"
+
+
 def _train(folders, out, batch, extra=()):
     return ["train", "--images", folders / "i", "--masks", folders / "m", "--out", out,
             "--batch-size", batch, *TRAIN, *extra]  # fmt: skip
@@ -71,7 +78,7 @@ def reference(folders, tmp_path_factory):
     assert main([str(a) for a in _train(folders, one, 2)]) == 0
     two = root / "two"
     done = _torchrun(_train(folders, two, 1))
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, _said(done)
     return one, two, done
 
 
@@ -109,7 +116,7 @@ def test_killed_and_resumed_equals_uninterrupted(folders, reference, tmp_path):
     assert "SIGKILL at checkpoint step-000000002 in place" in killed.stderr
     resume = ["train", "--images", folders / "i", "--masks", folders / "m", "--out", out]
     done = _torchrun([*resume, "--resume"])
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, _said(done)
     assert _gap(out, two) == 0.0  # the same processes: bit for bit
     rows = (out / "training.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows] == ["step", "2", "4"]
@@ -131,7 +138,7 @@ def test_time_budget_and_cosine_schedule_keep_one_model(folders, tmp_path):
     flags = ["--lr-schedule", "cosine", "--max-minutes", "0.03", "--steps", "100000",
              "--checkpoint-every", "3"]  # fmt: skip
     done = _torchrun(_train(folders, tmp_path / "budget", 1, flags))
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, _said(done)
     assert "drifted apart" not in done.stderr
     steps = json.loads((tmp_path / "budget" / "config.json").read_text())["training"]
     assert 3 < steps["steps_done"] < 100000
@@ -183,7 +190,7 @@ def test_python_api_under_torchrun(tmp_path):
     ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            "2", str(script), str(tmp_path), "1"]  # fmt: skip
     done = subprocess.run(ddp, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, _said(done)
     weights = {n: load_file(tmp_path / f"{n}.safetensors") for n in ("solo", "0", "1")}
     for k, v in weights["solo"].items():
         assert np.array_equal(weights["0"][k], weights["1"][k])  # every rank returns one model

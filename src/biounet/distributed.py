@@ -124,6 +124,9 @@ def joined(world: World, device: torch.device) -> Iterator[None]:
     log.info("rank %d of %d joined (%s)", world.rank, world.size, backend)
     try:
         yield
+        # Rank 0 leaves its last broadcast once the bytes are sent; tearing its connections
+        # down while a peer still reads them can abort the peer (gloo), so all wait here.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
