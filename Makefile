@@ -10,7 +10,7 @@ DEMO_STEPS ?= 400
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,cluster,export,napari,qt]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,cluster,export,napari,qt,openvino,onnxruntime]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -19,7 +19,12 @@ tiles/s of `biounet.loop.fit` (elastic augmentation + weight maps on, base 64, 3
 tiles, the training precision) against the training limit, 3 x the forward FLOPs of a
 572 px tile at the bf16 matrix-product rate.
 
+Row (a) runs once per engine (`--engines`, default auto and every installed one), each after a
+warm-up on a small image that converts the network into a fresh cache (conversion is once per
+model, not per image). `--precision fp32` gives the rows of a CPU without fast bf16.
+
 Usage:  .venv/bin/python bench/throughput.py [--size 4096] [--whole 2048] [--rows a,b,c,t,s]
+                                             [--engines auto,torch,...] [--precision fp32]
 Needs MONAI for (b) (`make bench-deps`).
 """
 
@@ -45,9 +50,11 @@ from biounet.model import UNet
 from biounet.modeldir import ModelInfo, save_model
 from biounet.normalize import NormalizeConfig, normalize
 from biounet.precision import autocast, bytes_per_value, memory_format, resolve_precision
+from biounet.runtimes import choose, installed
 from biounet.tiling import model_forward, plan_tiles
 
 CPU = torch.device("cpu")
+BIOUNET_PREDICT = [sys.executable, "-m", "biounet", "predict"]
 
 
 def matmul_flops(dtype: torch.dtype, n: int = 4096, repeat: int = 5) -> float:
@@ -67,10 +74,11 @@ def synthetic_image(size: int, seed: int = 0) -> np.ndarray:
     return np.kron(coarse, np.ones((8, 8)))[:size, :size].astype(np.uint8)
 
 
-def run_child(cmd: list[str]) -> tuple[float, float]:
+def run_child(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of a child process."""
     t = time.perf_counter()
-    env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}  # the CPU figures, also on a GPU machine
+    # the CPU figures, also on a GPU machine
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": ""} | (env or {})
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -159,11 +167,22 @@ def main() -> None:
     p.add_argument("--base-channels", type=int, default=64)
     p.add_argument("--rows", default="a,b,c,s,t", help="a, b, c, s (tile sweep), t (training)")
     p.add_argument("--train-steps", type=int, default=6)
+    p.add_argument(
+        "--engines",
+        default=",".join(("auto", *installed())),
+        help="engines of row (a), each file to file (default: auto and every installed one)",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32"),
+        help="fp32: the rows of a CPU without fast bf16 (row a, b fp32, limit fp32)",
+    )
     args = p.parse_args()
     rows = set(args.rows.split(","))
     valid = UNetConfig(base_channels=args.base_channels)
     same = UNetConfig(base_channels=args.base_channels, padding="same")
-    precision = resolve_precision("auto", CPU)
+    precision = resolve_precision(args.precision, CPU)
     fast = "fp32" if precision == "fp32" else "bf16"  # the limit that applies to `auto`
     print(
         f"# {time.strftime('%F %H:%M')}, {platform.machine()}, torch {torch.__version__}, "
@@ -192,34 +211,34 @@ def main() -> None:
             save_model(tmp / "model", model, ModelInfo(valid, ("background", "foreground")))
             tifffile.imwrite(tmp / "image.tif", image)
             plan = plan_tiles(valid, image.shape, bytes_per_value=bytes_per_value(precision))
-            seconds, rss = run_child(
-                [
-                    sys.executable,
-                    "-m",
-                    "biounet",
-                    "predict",
-                    str(tmp / "model"),
-                    str(tmp / "image.tif"),
-                    "--out",
-                    str(tmp / "pred"),
-                    "--device",
-                    "cpu",
-                ]  # fmt: skip
-            )
-            results["a"] = mpix / seconds
-            print(
-                f"(a) biounet predict, file to file: {seconds:.1f} s, {results['a']:.3f} MP/s "
-                f"= {results['a'] / limit[fast] * 100:.0f} % of the {fast} limit; auto tile "
-                f"{plan.tile_shape[0]}->{plan.y.tile_out} px, {plan.count(image.shape)} tiles, "
-                f"peak RSS {rss:.0f} MB",
-                flush=True,
-            )
+            cache = tmp / "cache"  # each runtime converts once, in a warm-up on a small image
+            tifffile.imwrite(tmp / "small.tif", image[:300, :300])
+            for engine in args.engines.split(","):
+                chosen, prec = choose(engine, args.precision, CPU)
+                child = [*BIOUNET_PREDICT, str(tmp / "model"), "--device", "cpu",
+                         "--engine", engine, "--precision", args.precision]  # fmt: skip
+                env = {"BIOUNET_CACHE": str(cache)}
+                run_child([*child, str(tmp / "small.tif"), "--out", str(tmp / "warm")], env)
+                seconds, rss = run_child(
+                    [*child, str(tmp / "image.tif"), "--out", str(tmp / "pred")], env
+                )
+                key = "a" if engine == "auto" else f"a_{engine}"
+                results[key] = mpix / seconds
+                print(
+                    f"(a) biounet predict --engine {engine} ({chosen}, {prec}), file to file: "
+                    f"{seconds:.1f} s, {results[key]:.3f} MP/s = "
+                    f"{results[key] / limit[fast] * 100:.0f} % of the {fast} limit; "
+                    f"peak RSS {rss:.0f} MB",
+                    flush=True,
+                )
+            print(f"    auto tile {plan.tile_shape[0]}->{plan.y.tile_out} px at {precision}, "
+                  f"{plan.count(image.shape)} tiles")  # fmt: skip
         x = torch.from_numpy(normalize(image[None], NormalizeConfig()))[None]
         padded = UNet(same)
         padded.load_state_dict(model.state_dict())
         padded.eval()
         if "b" in rows:
-            for prec in ("fp32", "bf16"):
+            for prec in ("fp32",) if precision == "fp32" else ("fp32", "bf16"):
                 seconds = monai_row(padded, x, prec)
                 results[f"b_{prec}"] = mpix / seconds
                 print(
@@ -239,10 +258,11 @@ def main() -> None:
                 f"{results['c']:.3f} MP/s",
                 flush=True,
             )
-    if "a" in results:
-        for key, label in (("b_fp32", "MONAI fp32"), ("b_bf16", "MONAI bf16"), ("c", "whole")):
-            if key in results:
-                print(f"    (a) / {label}: {results['a'] / results[key]:.2f}x")
+    for a in sorted(k for k in results if k.startswith("a")):
+        for key, label in (("b_fp32", "MONAI fp32"), ("b_bf16", "MONAI bf16"), ("c", "whole"),
+                           ("a_torch", "torch")):  # fmt: skip
+            if key in results and key != a:
+                print(f"    ({a}) / {label}: {results[a] / results[key]:.2f}x")
     if "s" in rows:
         forward = model_forward(model, precision)
         print("tile sweep, forward only, batch 1:")

@@ -14,6 +14,18 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _torch_engine(request, monkeypatch):
+    """Tests compare predictions bit for bit, which only one engine gives: torch. So the
+    engine `auto` picks is torch here (in-process and in the subprocesses tests start, by
+    $BIOUNET_ENGINE) unless a test is marked `runtimes`: those see what is installed."""
+    if request.node.get_closest_marker("runtimes") is None:
+        import biounet.runtimes
+
+        monkeypatch.setattr(biounet.runtimes, "installed", lambda: ("torch",))
+        monkeypatch.setenv("BIOUNET_ENGINE", "torch")
+
+
 def disks(
     shape: tuple[int, int],
     rng: np.random.Generator,

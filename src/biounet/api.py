@@ -43,7 +43,13 @@ def models() -> dict[str, str]:
     return {name: describe(folder) for name, folder in shipped_model_dirs().items()}
 
 
-def load(source: str | Path, device: str = "auto", precision: str = "auto") -> Model:
+def load(
+    source: str | Path,
+    device: str = "auto",
+    precision: str = "auto",
+    engine: str = "auto",
+    cache: str | Path | None = None,
+) -> Model:
     """Load a model directory, or a shipped model by name.
 
     Parameters
@@ -55,6 +61,13 @@ def load(source: str | Path, device: str = "auto", precision: str = "auto") -> M
         "auto": CUDA where torch sees a GPU, else the CPU.
     precision : {"auto", "fp32", "bf16", "fp16"}
         "auto": bf16 on CPUs with fast bf16 and on GPUs, fp32 elsewhere.
+    engine : {"auto", "torch", "openvino", "onnxruntime"}
+        What runs the network. "auto": the fastest installed one for the device, the CPU
+        class and the precision (OpenVINO on most CPUs, when ``biounet[openvino]`` is
+        installed; torch on GPUs and where no runtime is installed).
+    cache : str or Path, optional
+        Where OpenVINO and ONNX Runtime keep the converted network (default
+        ``~/.cache/biounet``); converted on the first prediction, loaded from there after.
 
     Returns
     -------
@@ -67,7 +80,9 @@ def load(source: str | Path, device: str = "auto", precision: str = "auto") -> M
     """
     folder = resolve_model(source)
     net, info = load_model(folder)
-    return Model(net, info, device=device, precision=precision, source=folder)
+    return Model(
+        net, info, device=device, precision=precision, engine=engine, cache=cache, source=folder
+    )
 
 
 class Model:
@@ -81,8 +96,8 @@ class Model:
     net : UNet
         Taken over by the model (moved to `device`, set to inference).
     info : ModelInfo
-    device, precision : str
-        As for `load`.
+    device, precision, engine, cache
+        As for `load`; `engine` here defaults to torch.
     source : Path, optional
         Where it was loaded from.
     """
@@ -94,16 +109,20 @@ class Model:
         *,
         device: str = "auto",
         precision: str = "auto",
+        engine: str = "torch",
+        cache: str | Path | None = None,
         source: Path | None = None,
     ) -> None:
         self._net, self._info, self.source = net, info, source
-        self._engine = Engine(net, parse_device(device), precision, info.net)
+        self._cache = None if cache is None else str(cache)
+        self._engine = Engine(net, parse_device(device), precision, info.net, engine, cache)
 
     def __repr__(self) -> str:
         net = self._info.net
         return (
             f"biounet.Model(depth={net.depth}, base_channels={net.base_channels}, "
-            f"classes={list(self.classes)}, device={self.device!r}, precision={self.precision!r})"
+            f"classes={list(self.classes)}, device={self.device!r}, precision={self.precision!r}, "
+            f"engine={self.engine!r})"
         )
 
     # -- what it is ------------------------------------------------------------------------
@@ -140,6 +159,11 @@ class Model:
     def precision(self) -> str:
         """The resolved precision: "fp32", "bf16" or "fp16"."""
         return self._engine.precision
+
+    @property
+    def engine(self) -> str:
+        """What runs the network: "torch", "openvino" or "onnxruntime"."""
+        return self._engine.runtime
 
     def valid_tiles(self, up_to: int) -> list[tuple[int, int]]:
         """Usable tile sizes as ``(input side, output side)`` pairs, outputs up to `up_to`.
@@ -220,7 +244,7 @@ class Model:
                 precision=self.precision,
                 tta=tta,
             )
-            spec = NetSpec.of(self._net, self._info, self.precision, self.device)
+            spec = NetSpec.of(self._net, self._info, self._engine, self._cache)
             return predict_graph(raw, spec, self._info, config, output)
         x = normalize(raw, self._info.normalization)
         bar, report = _progress(progress)

@@ -296,6 +296,7 @@ class Tiling:
 
 
 OUTPUTS = ("mask", "prob", "instances")
+ENGINES = ("auto", "torch", "openvino", "onnxruntime")  # biounet.runtimes
 
 
 @dataclass(frozen=True)
@@ -331,6 +332,11 @@ class PredictConfig:
     blockwise : bool
         Predict every input block by block into a zarr output (``STEM.zarr``), as zarr
         inputs always are (`biounet.predict_zarr`): what a cluster run does.
+    engine : {"auto", "torch", "openvino", "onnxruntime"}
+        What runs the network (`biounet.runtimes.choose`): "auto" the fastest installed one
+        for the device, CPU class and precision.
+    cache : str, optional
+        Folder for the runtimes' converted graphs (default ``~/.cache/biounet``).
     """
 
     tile: int | None = None
@@ -346,8 +352,12 @@ class PredictConfig:
     memory_mb: float = DEFAULT_MEMORY_MB
     instance_margin: int = 128
     blockwise: bool = False
+    engine: str = "auto"
+    cache: str | None = None
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise BiounetError(f"engine must be one of {ENGINES}, not {self.engine!r}")
         if self.output not in OUTPUTS:
             raise BiounetError(f"output must be one of {OUTPUTS}, not {self.output!r}")
         Tiling(self.tile, self.halo, self.batch_size, self.memory_mb)  # its own checks

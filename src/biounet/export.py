@@ -79,7 +79,8 @@ def check_sizes(net: UNetConfig, count: int = 2) -> list[int]:
 def _quiet_torch():
     """torch deprecates `torch.jit` and warns from inside its exporter about its own internals;
     neither says anything about the file written, and this package runs warnings as errors."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo")]
+    names = ("torch.onnx", "torch.export", "torch._dynamo", "onnx_ir", "onnxscript")
+    loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)

@@ -67,14 +67,22 @@ class NetSpec:
     precision: str
     device: str
     digest: str
+    engine: str = "torch"  # resolved: what the client chose runs on every worker
+    cache: str | None = None
 
     @classmethod
-    def of(cls, net, info, precision: str, device: str) -> NetSpec:
+    def of(cls, net, info, engine, cache: str | None = None) -> NetSpec:
+        """The spec of `net` as `engine` (a `biounet.inference.Engine`) runs it."""
         weights = {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
-        h = hashlib.sha256(f"{precision} {device} {json.dumps(info.to_dict())}".encode())
+        about = f"{engine.runtime} {engine.precision} {engine.device} {json.dumps(info.to_dict())}"
+        h = hashlib.sha256(about.encode())
         for name in sorted(weights):
             h.update(name.encode() + np.ascontiguousarray(weights[name]).tobytes())
-        return cls(info.to_dict(), weights, precision, device, h.hexdigest()[:16])
+        return cls(info.to_dict(), weights, engine.precision, str(engine.device),
+                   h.hexdigest()[:16], engine.runtime, cache)  # fmt: skip
+
+    def describe(self) -> str:
+        return f"engine {self.engine}, {self.precision}, {self.device}"
 
 
 _ENGINES: dict = {}
@@ -101,7 +109,9 @@ def _engine(spec: NetSpec):
             net = UNet(info.net)
             net.load_state_dict({k: torch.from_numpy(v) for k, v in spec.weights.items()})
             _ENGINES.clear()  # one model at a time per process
-            _ENGINES[spec.digest] = Engine(net, torch.device(spec.device), spec.precision)
+            _ENGINES[spec.digest] = Engine(
+                net, torch.device(spec.device), spec.precision, None, spec.engine, spec.cache
+            )
         return _ENGINES[spec.digest]
 
 

@@ -8,7 +8,9 @@ inference mode); the tile loop itself is `biounet.tiling.tile_outputs`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +19,8 @@ from biounet.architecture import UNetConfig
 from biounet.configs import Tiling
 from biounet.model import UNet
 from biounet.normalize import NormalizeConfig, normalize
-from biounet.precision import default_device, resolve_precision
+from biounet.precision import default_device
+from biounet.runtimes import choose, runtime_forward
 from biounet.tiling import (
     TilePlan,
     model_forward,
@@ -27,6 +30,7 @@ from biounet.tiling import (
 )
 
 Progress = Callable[[int, int], None]
+log = logging.getLogger(__name__)
 
 
 def dihedral_views() -> list[tuple[int, bool]]:
@@ -55,6 +59,12 @@ class Engine:
     precision : {"auto", "fp32", "bf16", "fp16"}
     net : UNetConfig, optional
         The architecture, for the tile arithmetic (default: ``model.config``).
+    engine : {"torch", "auto", "openvino", "onnxruntime"}
+        What runs the network (`biounet.runtimes.choose`); default torch, the one engine for
+        networks that change (validation during training). The runtimes convert a copy of
+        the network on the first forward pass, or load it from `cache`.
+    cache : path, optional
+        The runtimes' cache folder (default `biounet.runtimes.default_cache`).
     """
 
     def __init__(
@@ -63,11 +73,22 @@ class Engine:
         device: torch.device | None = None,
         precision: str = "auto",
         net: UNetConfig | None = None,
+        engine: str = "torch",
+        cache: str | Path | None = None,
     ) -> None:
         self.device = device or default_device()
-        self.precision = resolve_precision(precision, self.device)
+        self.runtime, self.precision = choose(engine, precision, self.device)
         self.net: UNetConfig = net or model.config
-        self.forward = model_forward(model.to(self.device), self.precision, self.device)
+        if self.runtime == "torch":
+            self.forward = model_forward(model.to(self.device), self.precision, self.device)
+        else:
+            self.forward = runtime_forward(self.runtime, model, self.precision, cache)
+        if engine != "torch":  # chosen for the user: say what
+            log.info("predicting with %s", self.describe())
+
+    def describe(self) -> str:
+        """What computes, for logs and files' metadata, e.g. "engine openvino, bf16, cpu"."""
+        return f"engine {self.runtime}, {self.precision}, {self.device}"
 
     def plan(self, shape: tuple[int, int], tiling: Tiling) -> TilePlan:
         return plan_for(self.net, shape, tiling, self.precision)

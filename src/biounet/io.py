@@ -333,12 +333,19 @@ def _ome_pixel_size(xml: str | None) -> PixelSize | None:
     return PixelSize(y, x, _UNITS.get(unit, unit))
 
 
-def write_tiff(path: Path, data: np.ndarray, pixel_size: PixelSize | None = None) -> None:
+def write_tiff(
+    path: Path,
+    data: np.ndarray,
+    pixel_size: PixelSize | None = None,
+    software: str | None = None,
+) -> None:
     """Write `data` as a TIFF (planes first for 3-D data), atomically; with `pixel_size`,
-    as an OME-TIFF that states it."""
+    as an OME-TIFF that states it; `software` goes into the Software tag (what made it)."""
     extra = pixel_size.tiff_options(data.ndim) if pixel_size is not None else {}
     with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, data, photometric="minisblack", compression="zlib", **extra)
+        tifffile.imwrite(
+            tmp, data, photometric="minisblack", compression="zlib", software=software, **extra
+        )
 
 
 def write_png(path: Path, data: np.ndarray) -> None:

@@ -37,7 +37,8 @@ from biounet.model import UNet
 from biounet.modeldir import ModelInfo, load_model
 from biounet.normalize import apply_normalization, normalization_params, normalize
 from biounet.plots import instance_overlay, overlay, to_uint8
-from biounet.precision import bytes_per_value, default_device, resolve_precision
+from biounet.precision import bytes_per_value, default_device
+from biounet.runtimes import choose
 from biounet.tiling import TilePlan, plan_for, plan_tiles, tile_memory
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def predict_array(
     -------
     ndarray of float32, shape (K, H, W), softmax probabilities
     """
-    engine = Engine(model, device, config.precision)
+    engine = Engine(model, device, config.precision, None, config.engine, config.cache)
     return engine.probabilities(image, info.normalization, config.tiling, config.tta, progress)
 
 
@@ -168,7 +169,9 @@ def predict_large(
                 f"{path}: instance margin {config.instance_margin} px must exceed {need} px for "
                 f"this model's post-processing; use `instance_margin` {need + 1} or more"
             )
-    engine = model if isinstance(model, Engine) else Engine(model, device, config.precision)
+    engine = model
+    if not isinstance(model, Engine):
+        engine = Engine(model, device, config.precision, None, config.engine, config.cache)
     with LazyImage(path) as src:
         if src.shape[0] != info.net.in_channels:
             raise BiounetError(
@@ -214,6 +217,7 @@ def predict_large(
                 tile=(ty, tx),
                 compression="zlib",
                 photometric="minisblack",
+                software=made_by(engine),
                 **extra,
             )
 
@@ -301,6 +305,13 @@ def _streams(path: Path, config: PredictConfig) -> bool:
     )
 
 
+def made_by(engine: Engine) -> str:
+    """The outputs' Software tag: biounet's version and what computed them."""
+    from biounet import __version__
+
+    return f"biounet {__version__} ({engine.describe()})"
+
+
 def instance_config(info: ModelInfo) -> InstanceConfig:
     """The model's stored post-processing, else a default for its number of classes."""
     stored = (info.postprocess or {}).get("instances")
@@ -313,7 +324,7 @@ def instance_config(info: ModelInfo) -> InstanceConfig:
 
 def _check_tile_memory(info: ModelInfo, config: PredictConfig, image_shape, device) -> None:
     """Refuse, before any work, an explicit tile whose batch cannot fit in memory."""
-    precision = resolve_precision(config.precision, device)
+    _, precision = choose(config.engine, config.precision, device)
     shape = plan_for(info.net, image_shape, config.tiling, precision).tile_shape
     need = tile_memory(info.net, shape, config.batch_size, bytes_per_value(precision))
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
@@ -371,7 +382,7 @@ def predict_files(
 
     model, info = load_model(Path(model_dir))
     files = expand_inputs(inputs)
-    resolve_precision(config.precision, device or default_device())
+    choose(config.engine, config.precision, device or default_device())  # refused up front
     if config.tile is not None:
         plan_tiles(info.net, (1, 1), config.tile, config.halo)  # refuse a bad tile up front
     inputs_resolved = {f.resolve() for f in files}
@@ -411,7 +422,8 @@ def predict_files(
         scheduler = connect() if connect is not None else "synchronous"
     ensure_dir(Path(out_dir))
     remove_leftovers(Path(out_dir))
-    engine = Engine(model, device, config.precision)  # set up once for all files
+    # set up once for all files
+    engine = Engine(model, device, config.precision, None, config.engine, config.cache)
     written, spec = [], None
     for i, (f, item) in enumerate(todo):
         if on_file is not None:
@@ -422,8 +434,8 @@ def predict_files(
         from biounet.graph import NetSpec
         from biounet.predict_zarr import predict_blockwise
 
-        # Workers compute on the device and at the precision resolved here.
-        spec = spec or NetSpec.of(model, info, engine.precision, str(engine.device))
+        # Workers compute on the device, with the engine and at the precision resolved here.
+        spec = spec or NetSpec.of(model, info, engine, config.cache)
         written.append(predict_blockwise(spec, info, item, config, scheduler))
     return written
 
@@ -436,7 +448,8 @@ def _predict_file(engine, info, path: Path, out_dir: Path, config, progress) -> 
     x = normalize(read_image(path, info.net.in_channels), info.normalization)
     probs = engine.probabilities(x, None, config.tiling, config.tta, progress)
     result = output_array(probs, info, config.output)
-    write_tiff(target, result, read_pixel_size(path))  # outputs overlay the input at scale
+    # outputs overlay the input at scale, and say what computed them
+    write_tiff(target, result, read_pixel_size(path), made_by(engine))
     if overlay:
         write_png(overlay[0], overlay_picture(info, x, probs, result, config.output))
     log.info("wrote %s", target)

@@ -112,6 +112,7 @@ def predict_blockwise(spec, info, item: BlockwiseInput, config, scheduler=None) 
             "output": config.output,
             "classes": list(info.class_names),
             "input": item.path.name,
+            "computed_by": spec.describe(),
         }
     }
     with atomic_dir(item.target) as tmp:

@@ -116,7 +116,12 @@ def train(
         if bar is not None:
             bar.close()
     return Model(
-        net, info, device=str(device), precision=config.precision, source=out and Path(out)
+        net,
+        info,
+        device=str(device),
+        precision=config.precision,
+        engine="auto",  # as `biounet.load` gives
+        source=out and Path(out),
     )
 
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 DATA_ENV = "BIOUNET_DATA"
+ENGINE_ENV, CACHE_ENV = "BIOUNET_ENGINE", "BIOUNET_CACHE"
 
 
 def default(config: type, name: str):
@@ -103,6 +104,26 @@ def add_precision_flag(q: argparse.ArgumentParser) -> None:
         choices=("auto", "fp32", "bf16", "fp16"),  # biounet.precision.PRECISIONS
         help="auto (default): bf16 where the CPU or GPU has fast bf16, else fp32",
     )
+
+
+def add_engine_flag(q: argparse.ArgumentParser) -> None:
+    from biounet.configs import ENGINES
+
+    engine = os.environ.get(ENGINE_ENV) or "auto"
+    q.add_argument(
+        "--engine",
+        default=engine,
+        choices=ENGINES,
+        help=f"what runs the network (default {engine}: ${ENGINE_ENV}, else auto): auto picks "
+        "the fastest installed one for the device, CPU and precision (OpenVINO on CPUs where "
+        "biounet[openvino] is installed; torch on GPUs); OpenVINO and ONNX Runtime convert "
+        f"the network once into ${CACHE_ENV} (default ~/.cache/biounet)",
+    )
+
+
+def engine_cache() -> str | None:
+    """The runtimes' cache folder: $BIOUNET_CACHE, else None (the library's default)."""
+    return os.environ.get(CACHE_ENV) or None
 
 
 class Progress:

@@ -11,16 +11,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from biounet.cli.common import (
+    ENGINE_ENV,
     Progress,
     add_device_flag,
+    add_engine_flag,
     add_precision_flag,
     as_flags,
     data_input,
     default,
+    engine_cache,
     model_path,
     say,
 )
-from biounet.configs import OUTPUTS, PredictConfig
+from biounet.configs import ENGINES, OUTPUTS, PredictConfig
 from biounet.errors import BiounetError
 
 
@@ -94,6 +97,7 @@ def add_parser(sub) -> None:
         "block anyway, in this process without --cluster",
     )
     add_precision_flag(q)
+    add_engine_flag(q)
     add_device_flag(q)
     q.set_defaults(func=cmd_predict)
 
@@ -102,6 +106,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from biounet.precision import parse_device
     from biounet.predict import predict_files
 
+    if args.engine not in ENGINES:  # from the environment: argparse checks only flags
+        raise BiounetError(
+            f"${ENGINE_ENV}={args.engine!r} is not an engine: set it to one of "
+            f"{', '.join(ENGINES)}, or unset it"
+        )
     try:
         config = PredictConfig(
             tile=args.tile,
@@ -115,6 +124,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             stream=args.stream,
             skip_existing=args.skip_existing,
             blockwise=args.cluster is not None,
+            engine=args.engine,
+            cache=engine_cache(),
         )
     except BiounetError as exc:
         raise BiounetError(as_flags(str(exc))) from None

@@ -1,0 +1,326 @@
+"""Inference runtimes besides torch eager, and which one is fastest where (`choose`).
+
+Why: a U-Net's forward pass is a fixed graph of convolutions, and on CPUs the runtimes built
+for fixed graphs run it faster than torch eager (docs/benchmarks.md, "Engines"): OpenVINO in
+bf16 on CPUs with AVX512-BF16 or AMX, OpenVINO or ONNX Runtime in fp32 elsewhere. On CUDA
+devices torch is the engine. Both runtimes are optional extras (``biounet[openvino]``,
+``biounet[onnxruntime]``); without them every engine choice ends at torch.
+
+A runtime gets the network once: a float32 copy is converted (OpenVINO: `ov.convert_model`
+from the torch module; ONNX Runtime: `biounet.export.to_onnx`), checked against torch before
+it is kept (`biounet.export.check_exported`: within 1e-4 of the logits' range at two input
+sizes), and stored in the cache folder under a digest of the runtime, its version, the
+architecture and the weights (never in a model directory). Later runs load it from there. A
+cache folder that cannot be written is not fatal: the graph is converted for this run only.
+
+This module, like the model directory's, knows the file names of what it keeps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from biounet.configs import ENGINES
+from biounet.durable import atomic_dir, ensure_dir
+from biounet.errors import BiounetError
+from biounet.precision import cpu_has_fast_bf16, resolve_precision
+
+log = logging.getLogger(__name__)
+Forward = Callable[[np.ndarray], np.ndarray]
+
+# What each runtime needs (its extra). ONNX Runtime runs the ONNX export, which torch's
+# exporter writes with onnx and onnxscript.
+PACKAGES = {"openvino": ("openvino",), "onnxruntime": ("onnxruntime", "onnx", "onnxscript")}
+PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "openvino": ("fp32", "bf16"),
+              "onnxruntime": ("fp32",)}  # fmt: skip
+# Fastest first, per CPU class and resolved precision: measured with `bench/engines.py`
+# (docs/benchmarks.md, "Engines", where the figures and the machines are). Not listed: torch.
+FASTEST = {
+    ("amx", "bf16"): ("openvino", "torch"),
+    ("amx", "fp32"): ("onnxruntime", "openvino", "torch"),
+    ("avx512_bf16", "bf16"): ("openvino", "torch"),
+    ("avx512_bf16", "fp32"): ("openvino", "onnxruntime", "torch"),
+    ("avx2", "fp32"): ("openvino", "onnxruntime", "torch"),
+}
+# Converted graphs of the same network, by runtime: bump to re-convert after a change here.
+CONVERSION = 1
+
+
+def cpu_class() -> str:
+    """This CPU's class for `FASTEST`: "amx" (Intel AMX tiles), "avx512_bf16" (AVX512-BF16
+    without AMX) or "avx2" (no fast bf16: AVX2, or AVX-512 without BF16), by PyTorch's own
+    CPU probes."""
+    if bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()):
+        return "amx"
+    if cpu_has_fast_bf16():
+        return "avx512_bf16"
+    return "avx2"
+
+
+def installed() -> tuple[str, ...]:
+    """The engines this environment can run: torch, then the runtimes whose extra is there."""
+    return ("torch", *(name for name, mods in PACKAGES.items() if all(map(_importable, mods))))
+
+
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def choose(engine: str, precision: str, device: torch.device) -> tuple[str, str]:
+    """The engine and resolved precision a prediction runs with.
+
+    Parameters
+    ----------
+    engine : {"auto", "torch", "openvino", "onnxruntime"}
+        "auto": the fastest installed engine for `device`, this CPU class and the precision
+        (`FASTEST`); torch on CUDA and where no runtime is installed.
+    precision : {"auto", "fp32", "bf16", "fp16"}
+        "auto": bf16 where the device has fast bf16, else fp32 (ONNX Runtime: fp32).
+
+    Raises
+    ------
+    BiounetError
+        For an engine that is not installed, or cannot run on `device` at `precision`.
+    """
+    if engine not in ENGINES:
+        raise BiounetError(f"engine must be one of {ENGINES}, not {engine!r}")
+    if engine == "auto":
+        resolved = resolve_precision(precision, device)
+        if device.type != "cpu":
+            return "torch", resolved
+        ready = installed()
+        ranked = FASTEST.get((cpu_class(), resolved), ("torch",))
+        return next(e for e in (*ranked, "torch") if e in ready), resolved
+    if engine == "torch":
+        return engine, resolve_precision(precision, device)
+    if device.type != "cpu":
+        raise BiounetError(f"engine {engine} runs on the CPU: use device cpu or engine torch")
+    if engine not in installed():
+        missing = [m for m in PACKAGES[engine] if not _importable(m)]
+        raise BiounetError(
+            f"engine {engine} needs {', '.join(missing)}: pip install 'biounet[{engine}]', "
+            "or use engine auto or torch"
+        )
+    if engine == "onnxruntime" and precision == "auto":
+        return engine, "fp32"
+    resolved = resolve_precision(precision, device)
+    if resolved not in PRECISIONS[engine]:
+        raise BiounetError(
+            f"engine {engine} runs {' or '.join(PRECISIONS[engine])} on the CPU, not "
+            f"{resolved}: use precision {PRECISIONS[engine][0]} or auto, or another engine"
+        )
+    if resolved == "bf16" and not cpu_has_fast_bf16():
+        raise BiounetError(
+            f"engine {engine} runs bf16 only on CPUs with AVX512-BF16 or AMX, which this one "
+            "lacks: use precision fp32 or auto"
+        )
+    return engine, resolved
+
+
+def default_cache() -> Path:
+    """Where converted graphs are kept unless told otherwise: ~/.cache/biounet."""
+    return Path.home() / ".cache" / "biounet"
+
+
+def runtime_version(engine: str) -> str:
+    return importlib.metadata.version(PACKAGES[engine][0])
+
+
+def digest(net: torch.nn.Module, engine: str) -> str:
+    """What a converted graph is kept under: runtime, its version, architecture, weights."""
+    config = json.dumps(net.config.to_dict(), sort_keys=True)
+    h = hashlib.sha256(f"{CONVERSION} {engine} {runtime_version(engine)} {config}".encode())
+    for name, value in sorted(net.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def runtime_forward(
+    engine: str, net: torch.nn.Module, precision: str, cache: Path | None = None
+) -> Forward:
+    """`net` run by `engine` (openvino or onnxruntime) at `precision`, as a numpy batch
+    function ``(B, C, h, w) float32 -> (B, K, h', w') float32``, like
+    `biounet.tiling.model_forward`. The graph is converted on the first call (or loaded from
+    `cache`, default `default_cache`) and kept for the calls after it."""
+    if engine not in PACKAGES:
+        raise BiounetError(f"no runtime called {engine!r}; runtimes: {', '.join(PACKAGES)}")
+    make = _OpenVino if engine == "openvino" else _OnnxRuntime
+    return make(net, precision, Path(cache) if cache is not None else default_cache())
+
+
+class _Converted:
+    """A runtime's forward, converting `net` on first use (thread-safe)."""
+
+    engine = ""
+
+    def __init__(self, net: torch.nn.Module, precision: str, cache: Path) -> None:
+        from biounet.export import inference_copy
+
+        self.net, self.precision, self.cache = inference_copy(net), precision, cache
+        self.threads = torch.get_num_threads()  # the one knob: torch's (OMP_NUM_THREADS)
+        self._lock = threading.Lock()
+        self._ready = False
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with self._lock:
+            if not self._ready:
+                self._setup()
+                self._ready = True
+        return self.run(np.ascontiguousarray(batch, dtype=np.float32))
+
+    def _setup(self) -> None:
+        key = digest(self.net, self.engine)
+        folder = self.cache / self.engine / key
+        if folder.is_dir():
+            try:
+                self.load(folder)
+                log.info("%s: graph loaded from %s", self.engine, folder)
+                return
+            except Exception as exc:  # a damaged cache entry is converted again
+                log.warning("%s: cannot load %s (%s); converting again", self.engine, folder, exc)
+        if _writable(folder.parent):
+            with atomic_dir(folder) as tmp:
+                self._convert(tmp)
+            self.load(folder)
+            log.info("%s: graph converted into %s", self.engine, folder)
+            return
+        log.warning("%s: cannot write the cache folder %s; converting for this run only",
+                    self.engine, folder.parent)  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="biounet-") as tmp:
+            self._convert(Path(tmp))
+            self.load(Path(tmp))
+
+    def _convert(self, folder: Path) -> None:
+        from biounet.export import _quiet_torch
+
+        with _quiet_torch():
+            self.convert(folder)
+
+    # per runtime
+    def convert(self, folder: Path) -> None:
+        """Write the converted graph into `folder`, checked against the network
+        (`biounet.export.check_exported`)."""
+        raise NotImplementedError
+
+    def load(self, folder: Path) -> None:
+        """Hold the graph in `folder` in memory (the files may go afterwards)."""
+        raise NotImplementedError
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+def _writable(folder: Path) -> bool:
+    """Whether files can be created in `folder` (made if missing)."""
+    try:
+        ensure_dir(folder)
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except (OSError, BiounetError):
+        return False
+
+
+class _OnnxRuntime(_Converted):
+    engine = "onnxruntime"
+    FILE = "model.onnx"
+
+    def convert(self, folder: Path) -> None:
+        from biounet.export import to_onnx
+
+        to_onnx(self.net, folder / self.FILE)  # checked there, by onnxruntime
+
+    def _session(self, folder: Path):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3  # errors only
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        return onnxruntime.InferenceSession(
+            str(folder / self.FILE), options, providers=["CPUExecutionProvider"]
+        )
+
+    def load(self, folder: Path) -> None:
+        self.session = self._session(folder)  # holds the graph: the file may go
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"image": batch})[0]
+
+
+class _OpenVino(_Converted):
+    """OpenVINO compiles the graph for each batch shape (static shapes run fastest; ~0.1-0.5 s
+    each) and keeps the last few, with one infer request per concurrent caller."""
+
+    engine = "openvino"
+    FILE = "model.xml"  # and model.bin
+    SHAPES = 4
+    HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+    def convert(self, folder: Path) -> None:
+        import openvino
+
+        from biounet.export import check_exported
+
+        side = _check_side(self.net)
+        example = torch.zeros(1, self.net.config.in_channels, side, side)
+        with torch.no_grad():
+            model = openvino.convert_model(self.net, example_input=example)
+        openvino.save_model(model, str(folder / self.FILE), compress_to_fp16=False)
+        self.load(folder)
+        check_exported(self.net, lambda x: self._compile(x.shape, "fp32")(x)[0], "OpenVINO")
+
+    def load(self, folder: Path) -> None:
+        import openvino
+
+        self.core = openvino.Core()
+        self.model = self.core.read_model(str(folder / self.FILE))
+        self.compiled: dict[tuple[int, ...], tuple] = {}
+
+    def _compile(self, shape: tuple[int, ...], precision: str):
+        model = self.model.clone()
+        model.reshape({0: list(shape)})
+        return self.core.compile_model(
+            model,
+            "CPU",
+            {
+                "INFERENCE_PRECISION_HINT": self.HINTS[precision],
+                "INFERENCE_NUM_THREADS": self.threads,
+                "PERFORMANCE_HINT": "LATENCY",
+            },
+        )
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        compiled, idle = self._for_shape(batch.shape)
+        with self._lock:
+            request = idle.pop() if idle else compiled.create_infer_request()
+        try:
+            return np.array(request.infer({0: batch})[0], dtype=np.float32, copy=True)
+        finally:
+            with self._lock:
+                idle.append(request)
+
+    def _for_shape(self, shape: tuple[int, ...]) -> tuple:
+        with self._lock:
+            if shape not in self.compiled:
+                if len(self.compiled) >= self.SHAPES:
+                    self.compiled.pop(next(iter(self.compiled)))  # the oldest
+                self.compiled[shape] = (self._compile(shape, self.precision), [])
+            return self.compiled[shape]
+
+
+def _check_side(net: torch.nn.Module) -> int:
+    from biounet.export import check_sizes
+
+    return check_sizes(net.config, 1)[0]
