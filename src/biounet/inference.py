@@ -3,7 +3,8 @@
 Every prediction goes through `Engine`: `biounet.Model.predict`, `biounet predict` (whole
 images and files streamed tile by tile), validation during training and the fit of the
 instance post-processing. An engine sets a network up once (device, precision, memory format,
-inference mode); the tile loop itself is `biounet.tiling.tile_outputs`.
+inference mode, and what runs it: torch, or a runtime of `biounet.runtimes`); the tile loop
+itself is `biounet.tiling.tile_outputs`.
 """
 
 from __future__ import annotations
