@@ -17,8 +17,10 @@ torch.set_num_threads(2)
 @pytest.fixture(autouse=True)
 def _torch_engine(request, monkeypatch):
     """Tests compare predictions bit for bit, which only one engine gives: torch. So the
-    engine `auto` picks is torch here (in-process and in the subprocesses tests start, by
-    $BIOUNET_ENGINE) unless a test is marked `runtimes`: those see what is installed."""
+    engine `auto` picks in this process is torch, and so is `biounet predict`'s default in
+    the subprocesses tests start ($BIOUNET_ENGINE), unless a test is marked `runtimes`: those
+    see what is installed. (A subprocess calling `biounet.load` itself, as the napari test's
+    viewer does, compares against itself.)"""
     if request.node.get_closest_marker("runtimes") is None:
         import biounet.runtimes
 

@@ -122,11 +122,17 @@ def test_damaged_or_unwritable_cache(tmp_path, caplog):
     cache = tmp_path / "cache"
     Engine(net, CPU, "fp32", engine="openvino", cache=cache).logits(image)
     (entry,) = (cache / "openvino").iterdir()
-    (entry / "model.xml").write_text("<not a graph")
-    with caplog.at_level(logging.WARNING, logger="biounet.runtimes"):
-        got = Engine(net, CPU, "fp32", engine="openvino", cache=cache).logits(image)
-    assert "converting again" in caplog.text
-    assert np.abs(got - want).max() <= TOLERANCE * max(1.0, np.abs(want).max())
+    for damage in ("xml", "bin"):
+        if damage == "xml":
+            (entry / "model.xml").write_text("<not a graph")
+        else:  # weights changed in place: a graph that loads and computes something else
+            weights = np.fromfile(entry / "model.bin", np.float32)
+            (weights[::7] * 3 + 1).tofile(entry / "model.bin")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="biounet.runtimes"):
+            got = Engine(net, CPU, "fp32", engine="openvino", cache=cache).logits(image)
+        assert "converting again" in caplog.text, damage
+        assert np.abs(got - want).max() <= TOLERANCE * max(1.0, np.abs(want).max())
     # A cache that cannot be written: converted for this run only, nothing left anywhere.
     blocked = tmp_path / "file"
     blocked.write_text("in the way")
@@ -136,6 +142,29 @@ def test_damaged_or_unwritable_cache(tmp_path, caplog):
     assert "converting for this run only" in caplog.text
     assert np.abs(got - want).max() <= TOLERANCE * max(1.0, np.abs(want).max())
     assert blocked.read_text() == "in the way"
+
+
+@needs_runtimes
+def test_processes_converting_at_once_share_one_entry(tmp_path):
+    """Two models of one network, predicting at once in one process into one empty cache:
+    one converts, the other loads its entry; both compute the right thing, one entry stays.
+    (Processes meet at the rename into place, `_keep`.)"""
+    net = _net(9)
+    image = np.random.default_rng(4).random((1, 120, 150), dtype=np.float32)
+    want = Engine(net, CPU, "fp32").logits(image)
+    got = [None, None]
+
+    def run(k):
+        got[k] = Engine(net, CPU, "fp32", engine="openvino", cache=tmp_path).logits(image)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for g in got:
+        assert np.abs(g - want).max() <= TOLERANCE * max(1.0, np.abs(want).max())
+    assert len(list((tmp_path / "openvino").iterdir())) == 1
 
 
 @needs_runtimes
@@ -156,8 +185,9 @@ def test_a_conversion_that_computes_something_else_is_refused(tmp_path, monkeypa
 
     monkeypatch.setattr(rt._OpenVino, "convert", convert_other)
     engine = Engine(net, CPU, "fp32", engine="openvino", cache=tmp_path)
-    with pytest.raises(BiounetError, match="OpenVINO export differs from the network"):
-        engine.logits(np.zeros((1, 140, 140), np.float32))
+    for _ in range(2):  # refused again, without converting again
+        with pytest.raises(BiounetError, match="OpenVINO export differs from the network"):
+            engine.logits(np.zeros((1, 140, 140), np.float32))
     assert not any((tmp_path / "openvino").iterdir())  # nothing kept
 
 
@@ -279,3 +309,27 @@ def test_bbbc039_instances_score_as_torch_fp32(shared_data, cache):
         assert abs(got50 - ap50) <= 0.005 and abs(got_mean - mean_ap) <= 0.005, (
             engine, precision, got50, ap50, got_mean, mean_ap,
         )  # fmt: skip
+
+
+def test_keep_leaves_a_faster_process_entry(tmp_path):
+    first, mine = tmp_path / "entry", tmp_path / ".entry-mine"
+    first.mkdir()
+    (first / "model.xml").write_text("theirs")
+    mine.mkdir()
+    (mine / "model.xml").write_text("mine")
+    rt._keep(mine, first)  # no error: the same graph is there already
+    assert (first / "model.xml").read_text() == "theirs"
+
+
+def test_a_worker_without_the_chosen_engine_says_so(monkeypatch):
+    from biounet.graph import NetSpec, _engine
+
+    net = _net(10)
+    info = ModelInfo(net.config, ("background", "cell"))
+    client = Engine(net, CPU, "fp32")
+    spec = NetSpec.of(net, info, client, "relative/cache")
+    assert spec.cache.startswith("/")  # the client's folder, whatever the workers' cwd
+    spec = NetSpec(**{**spec.__dict__, "engine": "openvino", "digest": "other"})
+    monkeypatch.setattr(rt, "installed", lambda: ("torch",))
+    with pytest.raises(BiounetError, match="this dask worker cannot run what the client chose"):
+        _engine(spec)

@@ -126,7 +126,7 @@ def joined(world: World, device: torch.device) -> Iterator[None]:
         yield
         # Rank 0 leaves its last broadcast once the bytes are sent; tearing its connections
         # down while a peer still reads them can abort the peer (gloo), so all wait here.
-        dist.barrier()
+        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
     finally:
         dist.destroy_process_group()
 

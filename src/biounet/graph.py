@@ -6,7 +6,8 @@ input windows with the model's context, mirrored at the image border exactly as 
 mirrors them, normalises them with statistics computed once for the whole image, and keeps
 the output pixels each tile writes in one process (where tiles overlap, the later tile's, as
 `predict_tiled` stitches). So the blocks equal the one-process result bit for bit at the
-same precision, tile and batch size (tested at fp32).
+same precision, tile and batch size (tested at fp32 with torch; the runtimes may compute a
+tile differently with another thread count, within their tolerance of torch).
 
 Instances: each block labels the probabilities of its window (the block plus
 `instance_margin` px) and keeps the objects whose seed starts inside it
@@ -28,6 +29,7 @@ import json
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -78,6 +80,7 @@ class NetSpec:
         h = hashlib.sha256(about.encode())
         for name in sorted(weights):
             h.update(name.encode() + np.ascontiguousarray(weights[name]).tobytes())
+        cache = None if cache is None else str(Path(cache).absolute())  # workers' cwd differ
         return cls(info.to_dict(), weights, engine.precision, str(engine.device),
                    h.hexdigest()[:16], engine.runtime, cache)  # fmt: skip
 
@@ -109,9 +112,15 @@ def _engine(spec: NetSpec):
             net = UNet(info.net)
             net.load_state_dict({k: torch.from_numpy(v) for k, v in spec.weights.items()})
             _ENGINES.clear()  # one model at a time per process
-            _ENGINES[spec.digest] = Engine(
-                net, torch.device(spec.device), spec.precision, None, spec.engine, spec.cache
-            )
+            try:
+                _ENGINES[spec.digest] = Engine(
+                    net, torch.device(spec.device), spec.precision, None, spec.engine, spec.cache
+                )
+            except BiounetError as exc:  # the client chose for a machine like its own
+                raise BiounetError(
+                    f"this dask worker cannot run what the client chose ({spec.describe()}): "
+                    f"{exc}; or predict with --engine torch"
+                ) from None
         return _ENGINES[spec.digest]
 
 

@@ -19,10 +19,12 @@ This module, like the model directory's, knows the file names of what it keeps.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
+import importlib
 import importlib.util
 import json
 import logging
+import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 
 from biounet.configs import ENGINES
-from biounet.durable import atomic_dir, ensure_dir
+from biounet.durable import ensure_dir
 from biounet.errors import BiounetError
 from biounet.precision import cpu_has_fast_bf16, resolve_precision
 
@@ -129,18 +131,29 @@ def choose(engine: str, precision: str, device: torch.device) -> tuple[str, str]
 
 
 def default_cache() -> Path:
-    """Where converted graphs are kept unless told otherwise: ~/.cache/biounet."""
-    return Path.home() / ".cache" / "biounet"
+    """Where converted graphs are kept unless told otherwise: ~/.cache/biounet (a temporary
+    folder's where there is no home folder)."""
+    try:
+        return Path.home() / ".cache" / "biounet"
+    except RuntimeError:
+        return Path(tempfile.gettempdir()) / "biounet-cache"
 
 
 def runtime_version(engine: str) -> str:
-    return importlib.metadata.version(PACKAGES[engine][0])
+    """The runtime's version, from its module (its distribution may be named otherwise:
+    onnxruntime-gpu, openvino-nightly)."""
+    module = importlib.import_module(PACKAGES[engine][0])
+    return str(getattr(module, "__version__", None) or getattr(module, "get_version", str)())
 
 
 def digest(net: torch.nn.Module, engine: str) -> str:
-    """What a converted graph is kept under: runtime, its version, architecture, weights."""
+    """What a converted graph is kept under: the runtime and its version, biounet's and
+    torch's versions (the graph is traced from biounet's model code), architecture, weights."""
+    from biounet import __version__
+
     config = json.dumps(net.config.to_dict(), sort_keys=True)
-    h = hashlib.sha256(f"{CONVERSION} {engine} {runtime_version(engine)} {config}".encode())
+    about = f"{CONVERSION} {engine} {runtime_version(engine)} {__version__} {torch.__version__}"
+    h = hashlib.sha256(f"{about} {config}".encode())
     for name, value in sorted(net.state_dict().items()):
         h.update(name.encode())
         h.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
@@ -160,6 +173,11 @@ def runtime_forward(
     return make(net, precision, Path(cache) if cache is not None else default_cache())
 
 
+# One set-up at a time in a process: torch's tracing is not thread-safe, and a second model
+# of the same network then finds the first one's entry. Processes meet at the rename.
+_SETTING_UP = threading.Lock()
+
+
 class _Converted:
     """A runtime's forward, converting `net` on first use (thread-safe)."""
 
@@ -172,28 +190,48 @@ class _Converted:
         self.threads = torch.get_num_threads()  # the one knob: torch's (OMP_NUM_THREADS)
         self._lock = threading.Lock()
         self._ready = False
+        self._failed: str | None = None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         with self._lock:
+            if self._failed is not None:  # said once; not converted again on every call
+                raise BiounetError(self._failed)
             if not self._ready:
-                self._setup()
+                try:
+                    with _SETTING_UP:
+                        self._setup()
+                except BiounetError as exc:
+                    self._failed = str(exc)
+                    raise
+                except Exception as exc:  # the runtime's own errors, in one line
+                    self._failed = (
+                        f"engine {self.engine} could not convert the network "
+                        f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); "
+                        "use engine torch"
+                    )
+                    raise BiounetError(self._failed) from None
                 self._ready = True
         return self.run(np.ascontiguousarray(batch, dtype=np.float32))
 
     def _setup(self) -> None:
-        key = digest(self.net, self.engine)
-        folder = self.cache / self.engine / key
+        folder = self.cache / self.engine / digest(self.net, self.engine)
         if folder.is_dir():
             try:
-                self.load(folder)
+                self._load_checked(folder)
                 log.info("%s: graph loaded from %s", self.engine, folder)
                 return
             except Exception as exc:  # a damaged cache entry is converted again
-                log.warning("%s: cannot load %s (%s); converting again", self.engine, folder, exc)
+                log.warning("%s: cannot use %s (%s); converting again", self.engine, folder,
+                            str(exc).splitlines()[0][:200])  # fmt: skip
+                _discard(folder)
         if _writable(folder.parent):
-            with atomic_dir(folder) as tmp:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+            try:
                 self._convert(tmp)
-            self.load(folder)
+                _keep(tmp, folder)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self._load_checked(folder)
             log.info("%s: graph converted into %s", self.engine, folder)
             return
         log.warning("%s: cannot write the cache folder %s; converting for this run only",
@@ -201,6 +239,14 @@ class _Converted:
         with tempfile.TemporaryDirectory(prefix="biounet-") as tmp:
             self._convert(Path(tmp))
             self.load(Path(tmp))
+
+    def _load_checked(self, folder: Path) -> None:
+        """Load a kept graph, and check it once at the smallest valid size: an entry damaged
+        on disk (or by hand) is never used."""
+        from biounet.export import check_exported, check_sizes
+
+        self.load(folder)
+        check_exported(self.net, self.checker(), self.engine, check_sizes(self.net.config, 1))
 
     def _convert(self, folder: Path) -> None:
         from biounet.export import _quiet_torch
@@ -218,8 +264,33 @@ class _Converted:
         """Hold the graph in `folder` in memory (the files may go afterwards)."""
         raise NotImplementedError
 
+    def checker(self) -> Forward:
+        """An fp32 forward of the loaded graph, for `check_exported`."""
+        raise NotImplementedError
+
     def run(self, batch: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+
+def _keep(tmp: Path, folder: Path) -> None:
+    """Rename a converted graph into place; where another process was faster, its entry (the
+    same graph) stays and this one goes."""
+    try:
+        os.rename(tmp, folder)
+    except OSError as exc:
+        if not folder.is_dir():
+            raise BiounetError(f"cannot keep the converted graph in {folder}: {exc}") from None
+
+
+def _discard(folder: Path) -> None:
+    """Take a damaged entry out of the way: renamed first (a reader sees it whole or not at
+    all), then removed."""
+    gone = folder.with_name(f".{folder.name}-{os.getpid()}-{threading.get_ident()}.gone")
+    try:
+        os.rename(folder, gone)
+    except OSError:
+        return  # another process took it away already
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def _writable(folder: Path) -> bool:
@@ -258,17 +329,21 @@ class _OnnxRuntime(_Converted):
     def load(self, folder: Path) -> None:
         self.session = self._session(folder)  # holds the graph: the file may go
 
+    def checker(self) -> Forward:
+        return self.run
+
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"image": batch})[0]
 
 
 class _OpenVino(_Converted):
     """OpenVINO compiles the graph for each batch shape (static shapes run fastest; ~0.1-0.5 s
-    each) and keeps the last few, with one infer request per concurrent caller."""
+    each) and keeps the last few used, each with its idle infer requests (one per concurrent
+    caller; a request holds its activations, so few shapes are kept)."""
 
     engine = "openvino"
     FILE = "model.xml"  # and model.bin
-    SHAPES = 4
+    SHAPES = 3  # a plan's tile, its last smaller batch, the tile turned (TTA, non-square)
     HINTS = {"fp32": "f32", "bf16": "bf16"}
 
     def convert(self, folder: Path) -> None:
@@ -282,7 +357,10 @@ class _OpenVino(_Converted):
             model = openvino.convert_model(self.net, example_input=example)
         openvino.save_model(model, str(folder / self.FILE), compress_to_fp16=False)
         self.load(folder)
-        check_exported(self.net, lambda x: self._compile(x.shape, "fp32")(x)[0], "OpenVINO")
+        check_exported(self.net, self.checker(), "OpenVINO")
+
+    def checker(self) -> Forward:
+        return lambda x: self._compile(x.shape, "fp32")(x)[0]
 
     def load(self, folder: Path) -> None:
         import openvino
@@ -316,9 +394,11 @@ class _OpenVino(_Converted):
 
     def _for_shape(self, shape: tuple[int, ...]) -> tuple:
         with self._lock:
-            if shape not in self.compiled:
+            if shape in self.compiled:
+                self.compiled[shape] = self.compiled.pop(shape)  # the most recent, last
+            else:
                 if len(self.compiled) >= self.SHAPES:
-                    self.compiled.pop(next(iter(self.compiled)))  # the oldest
+                    self.compiled.pop(next(iter(self.compiled)))  # the least recently used
                 self.compiled[shape] = (self._compile(shape, self.precision), [])
             return self.compiled[shape]
 
