@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from biounet.configs import ENGINES
-from biounet.durable import ensure_dir
+from biounet.durable import ensure_dir, remove_leftovers, temp_prefix
 from biounet.errors import BiounetError
 from biounet.precision import cpu_has_fast_bf16, resolve_precision
 
@@ -225,7 +225,9 @@ class _Converted:
                             str(exc).splitlines()[0][:200])  # fmt: skip
                 _discard(folder)
         if _writable(folder.parent):
-            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+            remove_leftovers(folder.parent)  # of converters killed on this host
+            tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(folder.name), suffix=".part",
+                                        dir=folder.parent))  # fmt: skip
             try:
                 self._convert(tmp)
                 _keep(tmp, folder)
