@@ -287,7 +287,8 @@ def _keep(tmp: Path, folder: Path) -> None:
 def _discard(folder: Path) -> None:
     """Take a damaged entry out of the way: renamed first (a reader sees it whole or not at
     all), then removed."""
-    gone = folder.with_name(f".{folder.name}-{os.getpid()}-{threading.get_ident()}.gone")
+    # named as `remove_leftovers` knows, should a kill come before the removal
+    gone = folder.with_name(f"{temp_prefix(folder.name)}gone.tmp")
     try:
         os.rename(folder, gone)
     except OSError:
