@@ -1,20 +1,23 @@
 """Peak memory (RSS) of `biounet predict` on synthetic uint8 TIFFs of growing size.
 
 Each size runs in a fresh child process that reports its own peak RSS (getrusage), so sizes
-do not contaminate each other. The input TIFFs are written tile by tile (never held whole),
-as a microscope or slide scanner would store them: tiled, zlib-compressed.
+do not contaminate each other; a first run on a 512 px image converts the network into a
+fresh cache folder (engines other than torch), so that no size pays the conversion. The input
+TIFFs are written tile by tile (never held whole), as a microscope or slide scanner would
+store them: tiled, zlib-compressed.
 
 With `--output instances` (use it with models/bbbc039) the texture is nuclei-like disks and
 the child writes instance labels through the block-wise post-processing.
 
 Usage:  .venv/bin/python bench/memory.py [--model models/isbi2012] [--sizes 2048,4096,8192,16384]
-            [--output mask|instances]
+            [--output mask|instances] [--tile N]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -64,7 +67,7 @@ def write_synthetic(path: Path, size: int, kind: str = "noise", tile: int = 512)
     )
 
 
-def child(model: str, image: str, out: str, precision: str, output: str) -> None:
+def child(model: str, image: str, out: str, precision: str, output: str, tile: int | None) -> None:
     from biounet.cli import main
 
     t = time.perf_counter()
@@ -80,7 +83,7 @@ def child(model: str, image: str, out: str, precision: str, output: str) -> None
         "--device",
         "cpu",
     ]
-    code = main([*argv, "--output", output])
+    code = main([*argv, "--output", output, *(["--tile", str(tile)] if tile else [])])
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"code": code, "peak_rss_mb": peak_mb, "seconds": time.perf_counter() - t}))
 
@@ -91,46 +94,46 @@ def main() -> None:
     p.add_argument("--sizes", default="2048,4096,8192,16384")
     p.add_argument("--precision", default="auto")
     p.add_argument("--output", default="mask", choices=("mask", "instances"))
+    p.add_argument("--tile", type=int, help="a fixed output tile (default: automatic per image)")
     p.add_argument("--child", nargs=3, metavar=("MODEL", "IMAGE", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(*args.child, args.precision, args.output)
+        child(*args.child, args.precision, args.output, args.tile)
         return
     print(
         f"# {time.strftime('%F %H:%M')}, {platform.machine()}, model {args.model}, "
-        f"precision {args.precision}, output {args.output}"
+        f"precision {args.precision}, output {args.output}, tile {args.tile or 'automatic'}"
     )
-    print("| image | input file MB | peak RSS MB | seconds | megapixels/s |")
-    print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for size in (int(s) for s in args.sizes.split(",")):
+        env = os.environ | {"BIOUNET_CACHE": str(Path(tmp) / "cache")}  # a cold cache
+
+        def measure(size: int) -> tuple[dict, float]:
             image = Path(tmp) / f"synthetic_{size}.tif"
             write_synthetic(image, size, "disks" if args.output == "instances" else "noise")
             done = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--precision",
-                    args.precision,
-                    "--output",
-                    args.output,
-                    "--child",
-                    args.model,
-                    str(image),
-                    str(Path(tmp) / "out"),
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            r = json.loads(done.stdout.strip().splitlines()[-1])
+                [sys.executable, __file__, "--precision", args.precision, "--output",
+                 args.output, *(["--tile", str(args.tile)] if args.tile else []),
+                 "--child", args.model, str(image), str(Path(tmp) / "out")],
+                capture_output=True, text=True, check=True, env=env,
+            )  # fmt: skip
+            megabytes = image.stat().st_size / 1e6
+            image.unlink()
+            return json.loads(done.stdout.strip().splitlines()[-1]), megabytes
+
+        # The first run converts the network into the cache (engines other than torch); the
+        # sizes after it load it, as every run after a model's first does.
+        first, _ = measure(512)
+        print(f"first run, 512 x 512 (converts into the cache): {first['peak_rss_mb']:.0f} MB")
+        print("| image | input file MB | peak RSS MB | seconds | megapixels/s |")
+        print("|---|---|---|---|---|")
+        for size in (int(s) for s in args.sizes.split(",")):
+            r, megabytes = measure(size)
             mpix = size * size / 1e6
             print(
-                f"| {size} x {size} | {image.stat().st_size / 1e6:.0f} | "
-                f"{r['peak_rss_mb']:.0f} | {r['seconds']:.1f} | {mpix / r['seconds']:.2f} |",
+                f"| {size} x {size} | {megabytes:.0f} | {r['peak_rss_mb']:.0f} | "
+                f"{r['seconds']:.1f} | {mpix / r['seconds']:.2f} |",
                 flush=True,
             )
-            image.unlink()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ base 64) with one set of random He weights shared by every row:
   (d) the compute limit: FLOPs of one pass of the valid network over the whole image (no
       tiling overhead: `UNetConfig.forward_flops` per output pixel x pixels) divided by the
       matrix-product FLOP/s measured in this run (bf16 and fp32 4096^3 torch.mm).
+  (f) with each (a): the forward passes alone over the same tiles in this process (one real
+      input window per call, after a warm-up call that compiles), file to file / forward only,
+      the start-up (a whole `biounet predict` run on a 300 x 300 px image), and file to file
+      in this process (`predict_files`: no interpreter start, no imports).
 Then a tile sweep (bf16 forward time per output megapixel against tile size) and training:
 tiles/s of `biounet.loop.fit` (elastic augmentation + weight maps on, base 64, 388 px
 tiles, the training precision) against the training limit, 3 x the forward FLOPs of a
@@ -23,7 +27,7 @@ Row (a) runs once per engine (`--engines`, default auto and every installed one)
 warm-up on a small image that converts the network into a fresh cache (conversion is once per
 model, not per image). `--precision fp32` gives the rows of a CPU without fast bf16.
 
-Usage:  .venv/bin/python bench/throughput.py [--size 4096] [--whole 2048] [--rows a,b,c,t,s]
+Usage:  .venv/bin/python bench/throughput.py [--size 4096] [--whole 2048] [--rows a,f,b,c,s,t]
                                              [--engines auto,torch,...] [--precision fp32]
 Needs MONAI for (b) (`make bench-deps`).
 """
@@ -105,6 +109,41 @@ def monai_row(model: UNet, x: torch.Tensor, precision: str) -> float:
     return seconds
 
 
+def forward_only(model: UNet, image: np.ndarray, engine: str, precision: str, cache) -> float:
+    """Seconds of the forward passes alone over the tiles `biounet predict` computes for
+    `image` with this engine (one real input window, run once per batch of the plan, after a
+    warm-up call that compiles): the time file to file would take with free reading and
+    writing and no start-up."""
+    from biounet.configs import Tiling
+    from biounet.inference import Engine
+    from biounet.mirror import mirror_crop
+
+    run = Engine(model, CPU, precision, engine=engine, cache=cache)
+    tiling = Tiling()
+    plan = run.plan(image.shape, tiling)
+    window = normalize(mirror_crop(image[None], -plan.y.context, -plan.x.context,
+                                   *plan.tile_shape), NormalizeConfig())  # fmt: skip
+    batch = np.stack([window] * tiling.batch_size)
+    run.forward(batch)  # compiles
+    calls = -(-plan.count(image.shape) // tiling.batch_size)
+    t = time.perf_counter()
+    for _ in range(calls):
+        run.forward(batch)
+    return time.perf_counter() - t
+
+
+def in_process(tmp: Path, engine: str, precision: str, cache: Path) -> float:
+    """Seconds of `biounet.predict.predict_files` on ``tmp/image.tif`` in this process: file to
+    file without the interpreter's start and the imports."""
+    from biounet.configs import PredictConfig
+    from biounet.predict import predict_files
+
+    config = PredictConfig(engine=engine, precision=precision, cache=cache)
+    t = time.perf_counter()
+    predict_files(tmp / "model", [tmp / "image.tif"], tmp / "inside", config, CPU)
+    return time.perf_counter() - t
+
+
 def training_rate(net: UNetConfig, steps: int) -> float:
     """Tiles/s of `fit` after warm-up: (time of 2 + steps) - (time of 2 steps), over steps."""
     from scipy import ndimage
@@ -165,7 +204,11 @@ def main() -> None:
     p.add_argument("--size", type=int, default=4096, help="image side for rows a, b")
     p.add_argument("--whole", type=int, default=2048, help="image side for row c")
     p.add_argument("--base-channels", type=int, default=64)
-    p.add_argument("--rows", default="a,b,c,s,t", help="a, b, c, s (tile sweep), t (training)")
+    p.add_argument(
+        "--rows",
+        default="a,f,b,c,s,t",
+        help="a, f (forward only, with a), b, c, s (tile sweep), t (training)",
+    )
     p.add_argument("--train-steps", type=int, default=6)
     p.add_argument(
         "--engines",
@@ -231,6 +274,19 @@ def main() -> None:
                     f"peak RSS {rss:.0f} MB",
                     flush=True,
                 )
+                if "f" in rows:
+                    start, _ = run_child(
+                        [*child, str(tmp / "small.tif"), "--out", str(tmp / "warm")], env
+                    )
+                    alone = forward_only(model, image, engine, args.precision, cache)
+                    inside = in_process(tmp, engine, args.precision, cache)
+                    print(
+                        f"    (f) forward only, the same tiles in process: {alone:.1f} s; "
+                        f"file to file / forward only = {seconds / alone:.3f}; start-up "
+                        f"(a whole run on 300 x 300 px) {start:.1f} s; file to file in this "
+                        f"process (after the imports) {inside:.1f} s = {inside / alone:.3f}",
+                        flush=True,
+                    )
             print(f"    auto tile {plan.tile_shape[0]}->{plan.y.tile_out} px at {precision}, "
                   f"{plan.count(image.shape)} tiles")  # fmt: skip
         x = torch.from_numpy(normalize(image[None], NormalizeConfig()))[None]

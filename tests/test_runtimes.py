@@ -127,12 +127,20 @@ def test_damaged_or_unwritable_cache(tmp_path, caplog):
     cache = tmp_path / "cache"
     Engine(net, CPU, "fp32", engine="openvino", cache=cache).logits(image)
     (entry,) = (cache / "openvino").iterdir()
-    for damage in ("xml", "bin"):
+    for damage in ("xml", "bin", "one weight", "seal", "folder"):
         if damage == "xml":
             (entry / "model.xml").write_text("<not a graph")
-        else:  # weights changed in place: a graph that loads and computes something else
+        elif damage == "bin":  # weights cut: a graph that loads and computes something else
             weights = np.fromfile(entry / "model.bin", np.float32)
             (weights[::7] * 3 + 1).tofile(entry / "model.bin")
+        elif damage == "one weight":  # same size, one value changed
+            weights = np.fromfile(entry / "model.bin", np.float32)
+            weights[len(weights) // 2] += 1
+            weights.tofile(entry / "model.bin")
+        elif damage == "seal":  # the checksums themselves gone
+            (entry / "sha256.json").unlink()
+        else:  # something that is not a plain file
+            (entry / "extra").mkdir()
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="biounet.runtimes"):
             got = Engine(net, CPU, "fp32", engine="openvino", cache=cache).logits(image)
@@ -338,3 +346,19 @@ def test_a_worker_without_the_chosen_engine_says_so(monkeypatch):
     monkeypatch.setattr(rt, "installed", lambda: ("torch",))
     with pytest.raises(BiounetError, match="this dask worker cannot run what the client chose"):
         _engine(spec)
+
+
+@needs_runtimes
+def test_the_cache_key_follows_the_code_the_graph_is_traced_from(monkeypatch):
+    # A development checkout changes the model's code without a new version number: an entry
+    # converted before must not answer for it.
+    net = _net(5)
+    before = rt.digest(net, "openvino")
+    assert rt.digest(net, "openvino") == before
+    source = rt.inspect.getsource
+
+    def edited(module):
+        return source(module) + ("\n# edited" if module.__name__ == "biounet.model" else "")
+
+    monkeypatch.setattr(rt.inspect, "getsource", edited)
+    assert rt.digest(net, "openvino") != before

@@ -182,6 +182,10 @@ class LazyImage:
         else:
             raise BiounetError(f"{path}: has shape {shape}; expected one 2-D (multi-channel) image")
         self.path, self.data, self.dtype = path, data, np.dtype(data.dtype)
+        # rows per stored chunk (tile or strip): a band of whole chunks decodes each once
+        chunks = getattr(data, "chunks", None)
+        row_axis = 1 if len(shape) == 3 and not self.channels_last else 0
+        self.row_chunk = int(chunks[row_axis]) if chunks else 1
 
     def close(self) -> None:
         """Release the file (the zarr store keeps it open)."""

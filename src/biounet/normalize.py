@@ -89,7 +89,9 @@ def value_counts(image: np.ndarray) -> Counts:
     for channel in image.reshape(image.shape[0], -1):
         if channel.dtype.itemsize <= 2 and channel.size:
             low = int(channel.min())
-            hist = np.bincount((channel.astype(np.int64) - low).ravel())
+            shifted = channel.astype(np.int64)
+            shifted -= low  # in place: one 8-byte copy of the pixels, not two
+            hist = np.bincount(shifted)
             values = np.flatnonzero(hist)
             counts.append(((values + low).astype(image.dtype), hist[values]))
         else:

@@ -1,4 +1,8 @@
-"""Prediction: files in, masks or probability maps out, via overlap-tile inference."""
+"""Prediction: files in, masks or probability maps out, via overlap-tile inference.
+
+The instance post-processing (scipy, scikit-image) and the overlay pictures (matplotlib) are
+imported where they are used: a mask or probability run does not pay their ~1.5 s of imports.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import glob
 import logging
 import tempfile
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tifffile
@@ -17,12 +23,6 @@ from biounet.configs import PredictConfig
 from biounet.durable import fault_point, remove_leftovers, temp_prefix
 from biounet.errors import BiounetError
 from biounet.inference import Engine, softmax
-from biounet.instances import (
-    InstanceConfig,
-    edge_band,
-    instances_from_probabilities,
-    instances_in_chunks,
-)
 from biounet.io import (
     ensure_dir,
     is_image_file,
@@ -36,10 +36,12 @@ from biounet.io_zarr import is_zarr, zarr_stem
 from biounet.model import UNet
 from biounet.modeldir import ModelInfo, load_model
 from biounet.normalize import apply_normalization, normalization_params, normalize
-from biounet.plots import instance_overlay, overlay, to_uint8
 from biounet.precision import bytes_per_value, default_device
 from biounet.runtimes import choose
 from biounet.tiling import TilePlan, plan_for, plan_tiles, tile_memory
+
+if TYPE_CHECKING:
+    from biounet.instances import InstanceConfig
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,8 @@ def output_array(probs: np.ndarray, info: ModelInfo, output: str) -> np.ndarray:
         return probs
     if output == "mask":
         return probs.argmax(0).astype(np.uint8)
+    from biounet.instances import instances_from_probabilities
+
     labels = instances_from_probabilities(probs, instance_config(info))
     return labels.astype(np.uint16 if labels.max() < 2**16 else np.uint32)
 
@@ -134,6 +138,8 @@ def overlay_picture(
 ) -> np.ndarray:
     """RGB picture of a prediction over its normalised image: classes in colour, or instance
     contours."""
+    from biounet.plots import instance_overlay, overlay, to_uint8
+
     gray = to_uint8(normalized)
     if output == "instances":
         return instance_overlay(gray, result)
@@ -163,6 +169,8 @@ def predict_large(
     from biounet.io import LazyImage, atomic_path
 
     if config.output == "instances":  # checked before any work, not after the prediction
+        from biounet.instances import edge_band
+
         need = edge_band(instance_config(info))
         if config.instance_margin <= need:
             raise BiounetError(
@@ -221,18 +229,22 @@ def predict_large(
                 **extra,
             )
 
-        with atomic_path(target) as tmp:
+        # closing: a failed write stops the tile loop's threads at once
+        with atomic_path(target) as tmp, closing(blocks()) as stream:
             if config.output != "instances":
-                write(tmp, (np.asarray(lg.argmax(0), np.uint8) for _, _, lg in blocks()), np.uint8)
+                write(tmp, (np.asarray(lg.argmax(0), np.uint8) for _, _, lg in stream), np.uint8)
                 return
             with tempfile.TemporaryDirectory(
                 prefix=temp_prefix(target.name), suffix=".work", dir=target.parent
             ) as work:
                 labels, n = _stream_instances(
-                    info, blocks(), (height, width), (ty, tx), Path(work), config.instance_margin
+                    info, stream, (height, width), (ty, tx), Path(work), config.instance_margin
                 )
                 dtype = np.uint16 if n < 2**16 else np.uint32
                 write(tmp, _read_blocks(labels, (ty, tx), dtype), dtype)
+
+
+_STATISTICS_PX = 1 << 22
 
 
 def _statistics(src, normalization) -> tuple[np.ndarray, np.ndarray]:
@@ -244,9 +256,15 @@ def _statistics(src, normalization) -> tuple[np.ndarray, np.ndarray]:
     if not (np.issubdtype(src.dtype, np.integer) and normalization.method == "percentile"):
         return normalization_params(src.sample(), normalization)
     counts = None
-    for r in range(0, src.shape[1], 1024):
-        band = value_counts(src[..., r : r + 1024, :])
-        counts = band if counts is None else merge_counts(counts, band)
+    # Counted in bands of ~4 megapixels, whatever the width (memory does not grow with the
+    # image), read in bands of whole stored chunks (each tile decoded once).
+    rows = max(1, _STATISTICS_PX // src.shape[2])
+    read = -(-rows // src.row_chunk) * src.row_chunk
+    for r in range(0, src.shape[1], read):
+        block = src[..., r : r + read, :]
+        for b in range(0, block.shape[1], rows):
+            band = value_counts(block[:, b : b + rows])
+            counts = band if counts is None else merge_counts(counts, band)
     return params_from_counts(counts, src.dtype, normalization)
 
 
@@ -258,6 +276,8 @@ _INSTANCE_CHUNK = 1024
 def _stream_instances(info: ModelInfo, blocks, shape, block_shape, work: Path, margin: int):
     """Probabilities into a zarr array in `work`, then labels by `instances_in_chunks`."""
     import zarr
+
+    from biounet.instances import instances_in_chunks
 
     height, width = shape
     k = info.net.num_classes
@@ -314,6 +334,8 @@ def made_by(engine: Engine) -> str:
 
 def instance_config(info: ModelInfo) -> InstanceConfig:
     """The model's stored post-processing, else a default for its number of classes."""
+    from biounet.instances import InstanceConfig
+
     stored = (info.postprocess or {}).get("instances")
     if stored is not None:
         return InstanceConfig(**stored)

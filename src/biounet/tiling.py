@@ -26,11 +26,13 @@ tiles: max |softmax difference| 0.86 at halo 32, 0.19 at halo 64, 5e-6 at halo 9
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from biounet.ahead import ahead
 from biounet.architecture import UNetConfig
 from biounet.configs import DEFAULT_MEMORY_MB, Tiling
 from biounet.errors import BiounetError
@@ -249,6 +251,10 @@ def model_forward(
     `precision` must already be resolved ("fp32", "bf16" or "fp16"); see `biounet.precision`.
     """
     device = device or next(model.parameters()).device
+    if device.type == "cuda" and device.index is None:
+        # the caller's current GPU: the tile loop calls `forward` from a thread of its own,
+        # whose current device is GPU 0
+        device = torch.device("cuda", torch.cuda.current_device())
     fmt = memory_format(precision)
     model = model.eval().to(memory_format=fmt)
 
@@ -273,6 +279,12 @@ def tile_outputs(
     total: int | None = None,
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """The one tile loop: mirrored input windows, batched forward passes, kept output blocks.
+
+    The windows are read and prepared one batch ahead of the forward pass, and the forward
+    pass runs one batch ahead of the caller, each in a background thread (`biounet.ahead`):
+    `image`, `prepare` and `forward` are called from those threads, so that reading and
+    writing overlap the computation; `forward` must return a new array on each call (the
+    caller still reads one batch's outputs while the next is computed).
 
     Parameters
     ----------
@@ -304,21 +316,37 @@ def tile_outputs(
     origins = list(origins)
     total = len(origins) if total is None else total
     (ch, cw), (kh, kw) = (plan.y.crop, plan.x.crop), keep
+    # Three stages in three threads, one batch apart: reading and normalising the next windows
+    # and using the previous outputs (the caller: argmax, compression, writing) overlap the
+    # forward pass. One batch waits between stages: memory follows the batch, not the image.
+    batches = ahead(_windows(image, plan, origins, batch_size, prepare), name="biounet-read")
     done = 0
+    with closing(ahead(_forwarded(forward, batches), name="biounet-forward")) as results:
+        for where, result in results:
+            for (oy, ox), tile in zip(where, result, strict=True):
+                yield oy, ox, tile[:, ch : ch + kh, cw : cw + kw]
+            done += len(where)
+            if progress is not None:
+                progress(done, total)
+
+
+def _windows(image, plan: TilePlan, origins: list, batch_size: int, prepare):
+    """Batches ``(origins, (B, C, h, w) windows)`` of mirrored, prepared input windows."""
     for b in range(0, len(origins), batch_size):
-        # One batch of windows at a time: memory follows the batch, not the image.
         where = origins[b : b + batch_size]
         windows = []
         for oy, ox in where:
             y0, x0 = oy - plan.y.context, ox - plan.x.context
             window = mirror_crop(image, y0, x0, plan.y.tile_in, plan.x.tile_in)
             windows.append(window if prepare is None else prepare(window))
-        result = forward(np.stack(windows))
-        for (oy, ox), tile in zip(where, result, strict=True):
-            yield oy, ox, tile[:, ch : ch + kh, cw : cw + kw]
-        done += len(where)
-        if progress is not None:
-            progress(done, total)
+        yield where, np.stack(windows)
+
+
+def _forwarded(forward: Forward, batches: Iterator):
+    """``(origins, outputs)`` of each batch; closes `batches` (its thread) when stopped."""
+    with closing(batches):
+        for where, windows in batches:
+            yield where, forward(windows)
 
 
 def predict_tiled(
@@ -355,9 +383,10 @@ def predict_tiled(
     tiles = tile_outputs(
         forward, image, plan, plan.tiles((height, width)), keep, batch_size, progress=progress
     )
-    for oy, ox, block in tiles:
-        h, w = min(keep[0], height - oy), min(keep[1], width - ox)
-        out[:, oy : oy + h, ox : ox + w] = block[:, :h, :w]
+    with closing(tiles):  # an exception here (in `progress`, say) stops the threads at once
+        for oy, ox, block in tiles:
+            h, w = min(keep[0], height - oy), min(keep[1], width - ox)
+            out[:, oy : oy + h, ox : ox + w] = block[:, :h, :w]
     return out
 
 
