@@ -13,16 +13,15 @@ Usage:  .venv/bin/python bench/overlap.py [--model models/isbi2012] [--size 4096
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from memory import write_synthetic
+from throughput import run_child
 
 
 def child(mode: str, argv: list[str]) -> None:
@@ -32,16 +31,6 @@ def child(mode: str, argv: list[str]) -> None:
     if mode == "one-thread":
         biounet.tiling.ahead = lambda items, **_: iter(items)
     raise SystemExit(main(argv))
-
-
-def run(cmd: list[str], env: dict) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of a child process."""
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"failed: {' '.join(cmd)}")
-    return time.perf_counter() - t, usage.ru_maxrss / 1024
 
 
 def main() -> None:
@@ -58,12 +47,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         image = Path(tmp) / "image.tif"
         write_synthetic(image, args.size)
-        env = os.environ | {"BIOUNET_CACHE": str(Path(tmp) / "cache")}
+        env = {"BIOUNET_CACHE": str(Path(tmp) / "cache")}  # on top of this environment
 
         def predict(mode: str) -> tuple[float, float]:
             argv = ["predict", args.model, str(image), "--out", str(Path(tmp) / mode),
                     "--stream", "--device", "cpu"]  # fmt: skip
-            return run([sys.executable, __file__, "--child", mode, *argv], env)
+            return run_child([sys.executable, __file__, "--child", mode, *argv], env)
 
         predict("threads")  # converts into the cache
         ratios = []

@@ -3,10 +3,12 @@
 Overlap-tile prediction has three stages per batch of tiles: read and normalise the input
 windows, run the network, use the outputs (argmax, compression, writing). Their heavy parts
 (numpy copies, zlib, tifffile's decoding, every engine's forward pass) release the GIL, so
-running each stage in a thread of its own hides the reading and the writing behind the forward
-pass. `ahead` is that thread: a bounded queue between a producer and the consumer, with what a
-library needs around it -- the producer's exception raised in the consumer's thread, the
-producer stopped and joined when the consumer stops early, and at most `depth` items waiting.
+each stage can run in a thread of its own beside the others: reading that waits on storage, or
+a forward pass on a GPU, then no longer leaves the rest idle (on a CPU whose cores the forward
+pass already fills, it gains nothing: docs/benchmarks.md). `ahead` is that thread: a bounded
+queue between a producer and the consumer, with what a library needs around it -- the
+producer's exception raised in the consumer's thread, the producer stopped and joined when
+the consumer stops early, and at most `depth` items waiting.
 Written here because the standard library has the parts (`threading`, `queue`) but not the
 iterator: `concurrent.futures` executors do not bound how far a producer runs ahead, and
 leave a stopped consumer's producer running.
