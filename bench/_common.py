@@ -60,7 +60,7 @@ def use_final_weights(model_dir: Path) -> None:
         ]
         data = DataConfig.from_dict(t["data_config"])
         post = fit_postprocess(model, info, pairs, data, t["train_config"]["precision"])
-        info = info.replace(postprocess={"instances": post.to_dict()})
+        info = info.replace(postprocess={**info.postprocess, "instances": post.to_dict()})
     save_model(model_dir, model, info)
 
 

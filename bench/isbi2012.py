@@ -97,7 +97,7 @@ def predict_command(model: Path, images: Path, pred: Path, tta: bool, device: st
     """`biounet predict` of membrane probabilities for the validation slices."""
     return [
         *BIOUNET, "predict", str(model), str(images), "--out", str(pred), "--output", "prob",
-        "--device", device, *(["--tta"] if tta else []),
+        "--device", device, "--tta" if tta else "--no-tta",
     ]  # fmt: skip
 
 

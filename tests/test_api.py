@@ -206,6 +206,21 @@ def test_train_starts_from_a_model(tmp_path):
     )
 
 
+def test_training_from_a_model_drops_what_was_chosen_for_its_weights(tmp_path):
+    import json
+
+    images, masks = _disk_arrays(2)
+    biounet.train(images, masks, **TINY_TRAINING).save(tmp_path / "first")
+    config = json.loads((tmp_path / "first" / "config.json").read_text())
+    config["postprocess"] = {"tta": True, "membranes": {"seed_threshold": 0.2}}
+    (tmp_path / "first" / "config.json").write_text(json.dumps(config))
+    second = biounet.train(images, masks, init=str(tmp_path / "first"), steps=1, tile=28,
+                           precision="fp32")  # fmt: skip
+    second.save(tmp_path / "second")
+    stored = json.loads((tmp_path / "second" / "config.json").read_text())["postprocess"]
+    assert not stored or not ({"tta", "membranes"} & set(stored))
+
+
 def test_the_wheel_carries_the_shipped_models(tmp_path):
     """An installed wheel finds the models by name: they travel as its data files; napari
     finds the plugin's manifest."""

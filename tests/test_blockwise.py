@@ -96,6 +96,22 @@ def test_blocks_equal_one_process(small_blocks, padding, shape, tile, batch):
         assert np.array_equal(got, want), output
 
 
+def test_blocks_equal_one_process_with_membrane_lines(small_blocks):
+    """A stored membrane post-processing: each block's mask from a window of probabilities
+    `instance_margin` (128) px wider, as one process makes it."""
+    torch.manual_seed(1)
+    net = UNetConfig(depth=2, base_channels=4)
+    post = {"membranes": {"seed_threshold": 0.45, "min_seed": 4}}
+    model = Model(UNet(net), ModelInfo(net, ("interior", "membrane"), postprocess=post),
+                  device="cpu", precision="fp32")  # fmt: skip
+    image = np.random.default_rng(6).integers(0, 255, (300, 410)).astype(np.uint8)
+    want = model.predict(image, "mask", tile=56)
+    assert (want != model.predict(image, "prob", tile=56).argmax(0)).sum() > 20
+    got = model.predict(da.from_array(image, chunks=(40, 40)), "mask", tile=56)
+    assert len(got.chunks[0]) >= 2 and len(got.chunks[1]) >= 3  # blocks of >= 129 px
+    assert np.array_equal(got.compute(scheduler="synchronous"), want)
+
+
 def test_blocks_equal_one_process_float_and_channels(small_blocks):
     torch.manual_seed(3)
     net = UNetConfig(depth=2, base_channels=4, in_channels=2)
@@ -251,9 +267,9 @@ def test_bad_zarr_inputs_refused_in_one_line(saved, tmp_path, capsys):
         assert code == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
-    code = main(["predict", str(model_dir), str(tmp_path / "o.ome.zarr"), "--tta", "--out",
+    code = main(["predict", str(model_dir), str(tmp_path / "o.ome.zarr"), "--overlay", "--out",
                  str(tmp_path / "o")])  # fmt: skip
-    assert code == 2 and "--tta" in capsys.readouterr().err
+    assert code == 2 and "--overlay" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # checked before anything is written
     for bad in ("local:0", "local:x"):
         code = main(["predict", str(model_dir), str(tmp_path / "o.ome.zarr"), "--out",

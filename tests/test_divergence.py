@@ -261,3 +261,22 @@ def test_resume_of_a_checkpoint_scored_the_old_way_selects_again(touching, tmp_p
     _, info = load_model(out)
     assert info.training["best_val_dice"] < 0.999
     assert (out / "weights.safetensors").read_bytes() != before  # step 8 was selected
+
+
+@pytest.mark.parametrize(
+    ("post", "match"),
+    [
+        ({"membranes": {"seed": 0.1}}, "unknown postprocess.membranes key"),
+        ({"membranes": {"membrane_class": 2}}, "membrane_class 2 is not one of the model's 2"),
+        ({"membranes": {"threshold": 0.5, "seed_threshold": 0.7}}, "`seed_threshold` must be in"),
+        ({"membranes": {"membrane_class": True}}, "`membrane_class` must be an integer"),
+        ({"membranes": [0.5]}, "postprocess.membranes must be an object"),
+        ({"watershed": {}}, "unknown postprocess key\\(s\\) watershed; known: instances"),
+    ],
+)
+def test_a_bad_stored_membrane_post_processing_is_refused_on_load(tmp_path, post, match):
+    save_model(
+        tmp_path / "m", UNet(NET), ModelInfo(NET, ("interior", "membrane"), postprocess=post)
+    )
+    with pytest.raises(BiounetError, match=match):
+        load_model(tmp_path / "m")

@@ -117,3 +117,39 @@ def test_memory_budget_and_precision_choose_the_tile():
 
     assert tile("fp32", 256) < tile("fp32", 1024) < tile("fp32", 4096)
     assert tile("fp32", 1024) < tile("bf16", 1024)  # half the bytes per value
+
+
+@pytest.fixture
+def membrane_model(tmp_path):
+    """A tiny 2-class model that stores a membrane post-processing with watershed lines."""
+    torch.manual_seed(1)
+    net = UNetConfig(depth=2, base_channels=4)
+    post = {"membranes": {"threshold": 0.5, "seed_threshold": 0.45, "min_seed": 4}}
+    info = ModelInfo(net, ("interior", "membrane"), postprocess=post)
+    save_model(tmp_path / "membranes", UNet(net), info)
+    return tmp_path / "membranes"
+
+
+def test_masks_follow_a_stored_membrane_post_processing(membrane_model, tmp_path, monkeypatch):
+    """In memory the mask is `membrane_classes` of the probabilities; streamed in blocks
+    (small here) it is the same mask."""
+    import biounet.predict
+    from biounet.membranes import MembraneConfig, membrane_classes
+    from biounet.modeldir import load_model
+
+    monkeypatch.setattr(biounet.predict, "_INSTANCE_CHUNK", 48)
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 255, (130, 170)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "em.tif", image)
+    common = dict(tile=40, precision="fp32", instance_margin=60)
+    predict_files(membrane_model, [tmp_path / "em.tif"], tmp_path / "mem", PredictConfig(**common))
+    predict_files(membrane_model, [tmp_path / "em.tif"], tmp_path / "stream",
+                  PredictConfig(**common, stream_pixels=0))  # fmt: skip
+    model, info = load_model(membrane_model)
+    probs = predict_array(model, info, image[None], PredictConfig(**common))
+    want = membrane_classes(probs, MembraneConfig(**info.postprocess["membranes"]))
+    assert (want != probs.argmax(0)).sum() > 20  # the lines changed the argmax
+    got = tifffile.imread(tmp_path / "mem" / "em.tif")
+    assert np.array_equal(got, want)
+    assert np.array_equal(tifffile.imread(tmp_path / "stream" / "em.tif"), want)
+    assert sorted(p.name for p in (tmp_path / "stream").iterdir()) == ["em.tif"]

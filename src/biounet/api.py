@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from biounet.architecture import UNetConfig
-from biounet.configs import DEFAULT_MEMORY_MB, OUTPUTS, Tiling
+from biounet.configs import DEFAULT_MEMORY_MB, OUTPUTS, PredictConfig, Tiling
 from biounet.errors import BiounetError
 from biounet.inference import Engine
 from biounet.model import UNet
@@ -28,7 +28,7 @@ from biounet.modeldir import (
 )
 from biounet.normalize import normalize
 from biounet.precision import parse_device
-from biounet.predict import output_array
+from biounet.predict import output_array, wants_tta
 from biounet.tiling import valid_tiles
 
 
@@ -184,7 +184,7 @@ class Model:
         image,
         output: str = "mask",
         *,
-        tta: bool = False,
+        tta: bool | None = None,
         tile: int | None = None,
         batch_size: int = 1,
         memory_mb: float = DEFAULT_MEMORY_MB,
@@ -204,8 +204,9 @@ class Model:
             normalised from a subsample; instances match where clumps fit the 128 px
             margin); the normalisation statistics are computed at this call, once.
         output : {"mask", "prob", "instances"}
-        tta : bool
-            Average over the 8 rotations and flips (8x the compute).
+        tta : bool, optional
+            Average over the 8 rotations and flips (8x the compute), tile by tile. Default:
+            as the model's config stores it (``postprocess.tta``), else off.
         tile : int, optional
             Output tile side (default: the cheapest within `memory_mb`).
         batch_size : int
@@ -234,7 +235,6 @@ class Model:
         tiling = Tiling(tile, None, batch_size, memory_mb)
         raw = as_channels_first(image, self.in_channels, channel_axis)
         if _is_dask(raw):
-            from biounet.configs import PredictConfig
             from biounet.graph import NetSpec, predict_graph
 
             config = PredictConfig(
@@ -249,7 +249,8 @@ class Model:
         x = normalize(raw, self._info.normalization)
         bar, report = _progress(progress)
         try:
-            probs = self._engine.probabilities(x, None, tiling, tta, report)
+            views = wants_tta(PredictConfig(tta=tta), self._info)
+            probs = self._engine.probabilities(x, None, tiling, views, report)
         finally:
             if bar is not None:
                 bar.close()

@@ -315,13 +315,15 @@ class PredictConfig:
     overlay : bool
         Also write ``STEM_overlay.png``: the mask in colour (instances: their contours in
         random colours) over the image.
-    tta : bool
+    tta : bool or None
         Test-time augmentation: average the probabilities over the 8 rotations/flips of the
-        image (the paper averaged over rotated versions of the input). 8x the compute.
+        image, tile by tile (`biounet.tta`; the paper averaged over rotated versions of the
+        input). 8x the compute. None (default): as the model's config stores it
+        (``postprocess.tta``), else off.
     stream_pixels : int
         TIFF inputs with more pixels than this, predicted as masks or instances (without
-        overlay or TTA), are read and written tile by tile (`predict_large`), so memory does
-        not grow with the image.
+        overlay), are read and written tile by tile (`predict_large`), so memory does not
+        grow with the image.
     stream : bool
         Stream every TIFF input, whatever its size (masks and instances only).
     skip_existing : bool
@@ -329,6 +331,8 @@ class PredictConfig:
     instance_margin : int
         Context (px) read around each block when streamed instances are labelled block by
         block: the widest clump of touching cells must fit in it (wider ones are logged).
+        Masks of a model with a stored membrane post-processing are made block by block with
+        the same context: the cells beside a block must fit in it.
     blockwise : bool
         Predict every input block by block into a zarr output (``STEM.zarr``), as zarr
         inputs always are (`biounet.predict_zarr`): what a cluster run does.
@@ -345,7 +349,7 @@ class PredictConfig:
     output: str = "mask"
     overlay: bool = False
     halo: int | None = None
-    tta: bool = False
+    tta: bool | None = None  # None: the model's stored choice (postprocess.tta), else off
     stream_pixels: int = 16 * 2**20  # TIFF inputs larger than this stream tile by tile
     stream: bool = False  # stream masks and instances of TIFFs of any size
     skip_existing: bool = False  # leave out inputs whose outputs are all there
@@ -361,11 +365,13 @@ class PredictConfig:
         if self.output not in OUTPUTS:
             raise BiounetError(f"output must be one of {OUTPUTS}, not {self.output!r}")
         Tiling(self.tile, self.halo, self.batch_size, self.memory_mb)  # its own checks
-        if self.stream and (self.output == "prob" or self.tta or self.overlay):
+        if self.stream and (self.output == "prob" or self.overlay):
             raise BiounetError(
-                "`stream` writes masks or instances only: drop `output` prob, `tta` "
-                "and `overlay`, or drop `stream`"
+                "`stream` writes masks or instances only: drop `output` prob and `overlay`, "
+                "or drop `stream`"
             )
+        if self.tta is not None and not isinstance(self.tta, bool):
+            raise BiounetError(f"`tta` must be true, false or None, not {self.tta!r}")
         check_number("instance_margin", self.instance_margin, low=1, integer=True)
         check_number("stream_pixels", self.stream_pixels, low=0, integer=True)
 

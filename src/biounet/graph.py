@@ -9,6 +9,10 @@ the output pixels each tile writes in one process (where tiles overlap, the late
 same precision, tile and batch size (tested at fp32 with torch; the runtimes may compute a
 tile differently with another thread count, within their tolerance of torch).
 
+Masks of a model with a stored membrane post-processing: each block is made from the
+probabilities of a window `instance_margin` px wider (`membranes_graph`), which equals the
+one-process mask wherever the cells beside the block fit in the margin.
+
 Instances: each block labels the probabilities of its window (the block plus
 `instance_margin` px) and keeps the objects whose seed starts inside it
 (`biounet.instances.owned_objects`); one task ranks all objects' seeds in raster order
@@ -203,7 +207,8 @@ class _Window:
 
 
 def _block_task(window, spec: NetSpec, plan: TilePlan, box, source_box, shape, origins,
-                offset, scale, batches: list[int], output: str) -> np.ndarray:  # fmt: skip
+                offset, scale, batches: list[int], output: str,
+                tta: bool) -> np.ndarray:  # fmt: skip
     """One block: its tiles' logits stitched as in one process, then `output` of them.
 
     `batches`: for each tile (of `origins`), the size of the batch one process computes it
@@ -231,7 +236,7 @@ def _block_task(window, spec: NetSpec, plan: TilePlan, box, source_box, shape, o
         filled = group + group[-1:] * (-len(group) % size)
         tiles = engine.blocks(
             image, plan, filled, keep, Tiling(batch_size=size),
-            prepare=lambda w: apply_normalization(w, offset, scale),
+            prepare=lambda w: apply_normalization(w, offset, scale), tta=tta,
         )  # fmt: skip
         found.update(((oy, ox), logits) for oy, ox, logits in list(tiles)[: len(group)])
     out = np.empty((len(next(iter(found.values()))), y1 - y0, x1 - x0), np.float32)
@@ -242,10 +247,12 @@ def _block_task(window, spec: NetSpec, plan: TilePlan, box, source_box, shape, o
     return probs.argmax(0).astype(np.uint8) if output == "mask" else probs
 
 
-def _source_span(axis: AxisPlan, origins: list[int], length: int) -> tuple[int, int]:
-    """The image rows (or columns) the tiles at `origins` read, mirrored included."""
-    lo = origins[0] - axis.context
-    hi = origins[-1] - axis.context + axis.tile_in
+def _source_span(axis: AxisPlan, origins: list[int], length: int, tta: bool) -> tuple[int, int]:
+    """The image rows (or columns) the tiles at `origins` read, mirrored included (with TTA,
+    windows a pooling period wider on each side: `biounet.tta`)."""
+    extra = axis.period if tta else 0
+    lo = origins[0] - axis.context - extra
+    hi = origins[-1] - axis.context + axis.tile_in + extra
     idx = mirror_indices(lo, hi, length)
     return int(idx.min()), int(idx.max()) + 1
 
@@ -285,22 +292,34 @@ def predict_graph(
         raise BiounetError(
             f"image has {channels} channel(s) but the model expects {info.net.in_channels}"
         )
-    if config.tta:
-        raise BiounetError("`tta` is not available for block-wise prediction; drop it")
     offset, scale = image_statistics(source, info.normalization, config.stream_pixels, scheduler)
     precision = resolve_precision(spec.precision, _device(spec.device))
     plan = plan_for(info.net, (height, width), config.tiling, precision)
-    margin = config.instance_margin if output == "instances" else 0
+    from biounet.predict import membrane_config, wants_tta
+
+    membranes = membrane_config(info) if output == "mask" else None
+    tta = wants_tta(config, info)
+    if membranes is not None:
+        from biounet.membranes import reach
+
+        if config.instance_margin <= reach(membranes):
+            raise BiounetError(
+                f"margin {config.instance_margin} px must exceed {reach(membranes)} px for the "
+                "model's membrane smoothing (`instance_margin`)"
+            )
+    margin = config.instance_margin if output == "instances" or membranes else 0
     rows = block_edges(plan.y, height, _per_block(plan.y, max(BLOCK_PX, margin + 1)))
     cols = block_edges(plan.x, width, _per_block(plan.x, max(BLOCK_PX, margin + 1)))
-    kind = "mask" if output == "mask" else "prob"
+    kind = "mask" if output == "mask" and membranes is None else "prob"
     stats = (offset, scale)
     result = _tile_blocks(source, _shipped(spec, scheduler), plan, (rows, cols), stats,
-                          config.batch_size, kind, info.net.num_classes)  # fmt: skip
+                          config.batch_size, kind, info.net.num_classes, tta)  # fmt: skip
     # The last block of an axis may be longer than the others (its last tile's overhang);
     # regular chunks (the last one shorter) are what zarr arrays and `da.to_zarr` take.
     regular = {-2: rows[0][1] - rows[0][0], -1: cols[0][1] - cols[0][0]}
     result = result.rechunk({result.ndim + a: c for a, c in regular.items()})
+    if membranes is not None:
+        return membranes_graph(result, membranes, margin)
     if output != "instances":
         return result
     from biounet.predict import instance_config
@@ -334,7 +353,7 @@ def _shipped(spec: NetSpec, scheduler):
 
 
 def _tile_blocks(source, net, plan: TilePlan, edges, stats, batch_size: int, kind: str,
-                 classes: int):  # fmt: skip
+                 classes: int, tta: bool):  # fmt: skip
     """The lazy output of every block of `edges` (rows, columns), as one dask array."""
     import dask
     import dask.array as da
@@ -352,12 +371,12 @@ def _tile_blocks(source, net, plan: TilePlan, edges, stats, batch_size: int, kin
         line = []
         for x0, x1, tx in edges[1]:
             oys, oxs = [ys[i] for i in ty], [xs[i] for i in tx]
-            sy0, sy1 = _source_span(plan.y, oys, height)
-            sx0, sx1 = _source_span(plan.x, oxs, width)
+            sy0, sy1 = _source_span(plan.y, oys, height, tta)
+            sx0, sx1 = _source_span(plan.x, oxs, width, tta)
             task = dask.delayed(_block_task, pure=True)(
                 _pieces(source[:, sy0:sy1, sx0:sx1]), net, plan, ((y0, y1), (x0, x1)), (sy0, sx0),
                 (channels, height, width), [(oy, ox) for oy in oys for ox in oxs],
-                *stats, [batch_of(ky, kx) for ky in ty for kx in tx], kind,
+                *stats, [batch_of(ky, kx) for ky in ty for kx in tx], kind, tta,
             )  # fmt: skip
             if kind == "mask":
                 line.append(da.from_delayed(task, (y1 - y0, x1 - x0), np.uint8))
@@ -373,7 +392,42 @@ def _device(name: str):
     return torch.device(name)
 
 
-# -- instances -------------------------------------------------------------------------------
+# -- membranes and instances ----------------------------------------------------------------
+
+
+def _membranes_task(probs, config, window, block) -> np.ndarray:
+    from biounet.membranes import membrane_classes
+
+    (wy0, _), (wx0, _) = window
+    (y0, y1), (x0, x1) = block
+    classes = membrane_classes(np.block(probs), config)
+    return classes[y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0]
+
+
+def membranes_graph(probs, config, margin: int):
+    """The class mask (H, W) uint8 of lazy probabilities (K, H, W) with a membrane
+    post-processing (`biounet.membranes.MembraneConfig`), block by block: each of `probs`'
+    chunks from a window `margin` px wider, as `biounet.membranes.classes_in_chunks` makes it."""
+    import dask
+    import dask.array as da
+
+    _, height, width = probs.shape
+    rows = np.cumsum([0, *probs.chunks[1]])
+    cols = np.cumsum([0, *probs.chunks[2]])
+    grid = []
+    for i in range(len(rows) - 1):
+        line = []
+        for j in range(len(cols) - 1):
+            block = ((int(rows[i]), int(rows[i + 1])), (int(cols[j]), int(cols[j + 1])))
+            window = window_box(block, (height, width), margin)
+            (wy0, wy1), (wx0, wx1) = window
+            task = dask.delayed(_membranes_task, pure=True)(
+                _pieces(probs[:, wy0:wy1, wx0:wx1]), config, window, block
+            )
+            shape = (block[0][1] - block[0][0], block[1][1] - block[1][0])
+            line.append(da.from_delayed(task, shape, np.uint8))
+        grid.append(line)
+    return da.block(grid)
 
 
 def _owned_task(probs, config: InstanceConfig, window, block, shape):

@@ -34,11 +34,6 @@ Progress = Callable[[int, int], None]
 log = logging.getLogger(__name__)
 
 
-def dihedral_views() -> list[tuple[int, bool]]:
-    """The 8 rotations by multiples of 90 degrees, each with and without a mirror flip."""
-    return [(k, flip) for k in range(4) for flip in (False, True)]
-
-
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Softmax over axis 0, in place, float32."""
     logits -= logits.max(axis=0, keepdims=True)
@@ -95,7 +90,11 @@ class Engine:
         return plan_for(self.net, shape, tiling, self.precision)
 
     def logits(
-        self, image: np.ndarray, tiling: Tiling | None = None, progress: Progress | None = None
+        self,
+        image: np.ndarray,
+        tiling: Tiling | None = None,
+        progress: Progress | None = None,
+        tta: bool = False,
     ) -> np.ndarray:
         """Stitched raw outputs of a normalised image.
 
@@ -103,6 +102,9 @@ class Engine:
         ----------
         image : ndarray of float32, shape (C, H, W)
             Already normalised.
+        tta : bool
+            Each tile averaged over its 8 rotations and flips (`biounet.tta`): the log of the
+            mean probabilities.
 
         Returns
         -------
@@ -111,7 +113,7 @@ class Engine:
         tiling = tiling or Tiling()
         plan = self.plan(image.shape[1:], tiling)
         return predict_tiled(
-            self.forward, image, plan, self.net.num_classes, tiling.batch_size, progress
+            self.forward, image, plan, self.net.num_classes, tiling.batch_size, progress, tta
         )
 
     def probabilities(
@@ -130,30 +132,17 @@ class Engine:
             Raw intensities, normalised here with `normalization` (the model's stored one);
             ``normalization=None``: already normalised, float32.
         tta : bool
-            Average the probabilities over the 8 rotations and flips of the image.
+            Average the probabilities over the 8 rotations and flips of the image (tile by
+            tile, as the whole image's views give them: `biounet.tta`). 8x the compute.
         progress : callable(done, total), optional
-            Tiles done of all tiles of all views.
+            Tiles done of all tiles.
 
         Returns
         -------
         ndarray of float32, shape (K, H, W), softmax over K
         """
-        tiling = tiling or Tiling()
         x = image if normalization is None else normalize(image, normalization)
-        views = dihedral_views() if tta else [(0, False)]
-        shapes = [x.shape[1:] if k % 2 == 0 else x.shape[:0:-1] for k, _ in views]
-        counts = [self.plan(shape, tiling).count(shape) for shape in shapes]
-        total = None
-        for i, (k, flip) in enumerate(views):
-            view = np.rot90(x, k, axes=(1, 2))
-            view = np.ascontiguousarray(view[:, :, ::-1] if flip else view)
-            shown = None
-            if progress is not None:
-                shown = _offset(progress, sum(counts[:i]), sum(counts))
-            probs = softmax(self.logits(view, tiling, shown))
-            probs = np.rot90(probs[:, :, ::-1] if flip else probs, -k, axes=(1, 2))
-            total = probs if total is None else total + probs
-        return np.ascontiguousarray(total / len(views), dtype=np.float32)
+        return softmax(self.logits(x, tiling, progress, tta))
 
     def blocks(
         self,
@@ -165,13 +154,8 @@ class Engine:
         prepare: Callable[[np.ndarray], np.ndarray] | None = None,
         progress: Progress | None = None,
         total: int | None = None,
+        tta: bool = False,
     ) -> Iterator[tuple[int, int, np.ndarray]]:
         """Logit blocks of an image read window by window (`biounet.tiling.tile_outputs`)."""
-        return tile_outputs(
-            self.forward, image, plan, origins, keep, tiling.batch_size, prepare, progress, total
-        )
-
-
-def _offset(progress: Progress, start: int, total: int) -> Progress:
-    """`progress` for one pass among several: its tiles counted after `start` of `total`."""
-    return lambda done, _: progress(start + done, total)
+        return tile_outputs(self.forward, image, plan, origins, keep, tiling.batch_size,
+                            prepare, progress, total, tta)  # fmt: skip

@@ -11,7 +11,7 @@ lock) is `biounet.checkpoints`'s.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -83,7 +83,7 @@ class ModelInfo:
         if missing:
             raise BiounetError(f"{source}: incomplete model config, missing {', '.join(missing)}")
         try:
-            _check_postprocess(d.get("postprocess"))
+            _check_postprocess(d.get("postprocess"), d["num_classes"])
             net = UNetConfig(**{k: d[k] for k in ARCH_KEYS if k in d})
             norm = NormalizeConfig(**d.get("normalization", {}))
             return cls(
@@ -103,29 +103,47 @@ class ModelInfo:
         return replace(self, **changes)
 
 
-def _check_postprocess(post) -> None:
-    """A stored post-processing must be one `InstanceConfig` can take (checked on load, not
-    after a prediction)."""
-    from dataclasses import fields
-
+def _check_postprocess(post, num_classes: int) -> None:
+    """A stored post-processing must be what `InstanceConfig` (``instances``) and
+    `MembraneConfig` (``membranes``) take, for this model's classes, and ``tta`` true or false
+    (checked on load, not after a prediction)."""
     from biounet.instances import InstanceConfig
+    from biounet.membranes import MembraneConfig
 
     if post is None:
         return
-    if not isinstance(post, dict) or not isinstance(post.get("instances", {}), dict | None):
-        raise BiounetError("postprocess must be an object with an 'instances' object")
-    stored = post.get("instances") or {}
-    known = {f.name for f in fields(InstanceConfig)}
-    unknown = sorted(set(stored) - known)
+    sections = {"instances": InstanceConfig, "membranes": MembraneConfig}
+    if not isinstance(post, dict):
+        raise BiounetError("postprocess must be an object with 'instances', 'membranes', 'tta'")
+    unknown = sorted(set(post) - {*sections, "tta"})
     if unknown:
         raise BiounetError(
-            f"unknown postprocess.instances key(s) {', '.join(unknown)}; "
-            f"known: {', '.join(sorted(known))}"
+            f"unknown postprocess key(s) {', '.join(unknown)}; known: instances, membranes, tta"
         )
-    try:
-        InstanceConfig(**stored)
-    except (TypeError, ValueError) as exc:
-        raise BiounetError(f"postprocess.instances: {exc}") from None
+    if post.get("tta") is not None and not isinstance(post["tta"], bool):
+        raise BiounetError(f"postprocess.tta must be true or false, not {post['tta']!r}")
+    for name, kind in sections.items():
+        stored = post.get(name)
+        if stored is None:
+            continue
+        if not isinstance(stored, dict):
+            raise BiounetError(f"postprocess.{name} must be an object")
+        known = {f.name for f in fields(kind)}
+        unknown = sorted(set(stored) - known)
+        if unknown:
+            raise BiounetError(
+                f"unknown postprocess.{name} key(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        try:
+            config = kind(**stored)
+        except (TypeError, ValueError) as exc:
+            raise BiounetError(f"postprocess.{name}: {exc}") from None
+        if name == "membranes" and config.membrane_class >= num_classes:
+            raise BiounetError(
+                f"postprocess.membranes: membrane_class {config.membrane_class} is not one of "
+                f"the model's {num_classes} classes"
+            )
 
 
 def default_class_names(num_classes: int) -> tuple[str, ...]:

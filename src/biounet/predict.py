@@ -111,7 +111,8 @@ def predict_array(
     ndarray of float32, shape (K, H, W), softmax probabilities
     """
     engine = Engine(model, device, config.precision, None, config.engine, config.cache)
-    return engine.probabilities(image, info.normalization, config.tiling, config.tta, progress)
+    tta = wants_tta(config, info)
+    return engine.probabilities(image, info.normalization, config.tiling, tta, progress)
 
 
 def output_array(probs: np.ndarray, info: ModelInfo, output: str) -> np.ndarray:
@@ -126,11 +127,42 @@ def output_array(probs: np.ndarray, info: ModelInfo, output: str) -> np.ndarray:
     if output == "prob":
         return probs
     if output == "mask":
-        return probs.argmax(0).astype(np.uint8)
+        return class_mask(probs, info)
     from biounet.instances import instances_from_probabilities
 
     labels = instances_from_probabilities(probs, instance_config(info))
     return labels.astype(np.uint16 if labels.max() < 2**16 else np.uint32)
+
+
+def class_mask(probs: np.ndarray, info: ModelInfo) -> np.ndarray:
+    """uint8 class indices (H, W) of probabilities (K, H, W): the argmax, or, where the model
+    stores a membrane post-processing (`biounet.membranes`), its membranes and elsewhere the
+    likeliest other class."""
+    post = membrane_config(info)
+    if post is None:
+        return probs.argmax(0).astype(np.uint8)
+    from biounet.membranes import membrane_classes
+
+    return membrane_classes(probs, post)
+
+
+def wants_tta(config: PredictConfig, info: ModelInfo) -> bool:
+    """Whether to predict with TTA: as `config` says, else as the model stores it
+    (``postprocess.tta``), else not."""
+    if config.tta is not None:
+        return config.tta
+    return bool((info.postprocess or {}).get("tta", False))
+
+
+def membrane_config(info: ModelInfo):
+    """The model's stored membrane post-processing (`biounet.membranes.MembraneConfig`), or
+    None: masks are then the argmax."""
+    stored = (info.postprocess or {}).get("membranes")
+    if stored is None:
+        return None
+    from biounet.membranes import MembraneConfig
+
+    return MembraneConfig(**stored)
 
 
 def overlay_picture(
@@ -143,7 +175,7 @@ def overlay_picture(
     gray = to_uint8(normalized)
     if output == "instances":
         return instance_overlay(gray, result)
-    return overlay(gray, probs.argmax(0).astype(np.uint8))
+    return overlay(gray, result if output == "mask" else class_mask(probs, info))
 
 
 def predict_large(
@@ -164,10 +196,21 @@ def predict_large(
     computed. Instances go through two temporary zarr arrays beside `target` (probabilities,
     4 bytes per pixel and class, and labels, 4 bytes per pixel; compressed, deleted at the
     end) and `instances_in_chunks`, which labels block by block exactly as the whole image
-    would be. Memory: one batch of tiles or one block, whatever the image size.
+    would be; so do the masks of a model with a stored membrane post-processing
+    (`biounet.membranes.classes_in_chunks`, blocks read with ``instance_margin`` px of
+    context). Memory: one batch of tiles or one block, whatever the image size.
     """
     from biounet.io import LazyImage, atomic_path
 
+    if config.output == "mask" and membrane_config(info) is not None:
+        from biounet.membranes import reach
+
+        need = reach(membrane_config(info))
+        if config.instance_margin <= need:
+            raise BiounetError(
+                f"{path}: margin {config.instance_margin} px must exceed {need} px for this "
+                f"model's membrane smoothing; use `instance_margin` {need + 1} or more"
+            )
     if config.output == "instances":  # checked before any work, not after the prediction
         from biounet.instances import edge_band
 
@@ -211,6 +254,7 @@ def predict_large(
                 prepare=lambda window: apply_normalization(window, offset, scale),
                 progress=progress,
                 total=total,
+                tta=wants_tta(config, info),
             )
 
         size = read_pixel_size(path)
@@ -231,17 +275,15 @@ def predict_large(
 
         # closing: a failed write stops the tile loop's threads at once
         with atomic_path(target) as tmp, closing(blocks()) as stream:
-            if config.output != "instances":
+            if config.output == "mask" and membrane_config(info) is None:
                 write(tmp, (np.asarray(lg.argmax(0), np.uint8) for _, _, lg in stream), np.uint8)
                 return
             with tempfile.TemporaryDirectory(
                 prefix=temp_prefix(target.name), suffix=".work", dir=target.parent
             ) as work:
-                labels, n = _stream_instances(
-                    info, stream, (height, width), (ty, tx), Path(work), config.instance_margin
-                )
-                dtype = np.uint16 if n < 2**16 else np.uint32
-                write(tmp, _read_blocks(labels, (ty, tx), dtype), dtype)
+                probs = _stream_probabilities(info, stream, (height, width), (ty, tx), Path(work))
+                result, dtype = _post_in_chunks(info, probs, Path(work), config)
+                write(tmp, _read_blocks(result, (ty, tx), dtype), dtype)
 
 
 _STATISTICS_PX = 1 << 22
@@ -273,11 +315,9 @@ def _statistics(src, normalization) -> tuple[np.ndarray, np.ndarray]:
 _INSTANCE_CHUNK = 1024
 
 
-def _stream_instances(info: ModelInfo, blocks, shape, block_shape, work: Path, margin: int):
-    """Probabilities into a zarr array in `work`, then labels by `instances_in_chunks`."""
+def _stream_probabilities(info: ModelInfo, blocks, shape, block_shape, work: Path):
+    """The probabilities of the logit `blocks`, in a zarr array in `work`."""
     import zarr
-
-    from biounet.instances import instances_in_chunks
 
     height, width = shape
     k = info.net.num_classes
@@ -290,15 +330,34 @@ def _stream_instances(info: ModelInfo, blocks, shape, block_shape, work: Path, m
     for oy, ox, logits in blocks:
         h, w = min(block_shape[0], height - oy), min(block_shape[1], width - ox)
         probs[:, oy : oy + h, ox : ox + w] = softmax(np.array(logits[:, :h, :w], np.float32))
-    labels = zarr.open_array(
-        store=str(work / "labels.zarr"), mode="w", shape=shape, chunks=chunks,
-        dtype=np.uint32, fill_value=0,
-    )  # fmt: skip
-    post = instance_config(info)
     fault_point(f"{work.name}: probabilities written")
-    n = instances_in_chunks(probs, labels, post, chunk=_INSTANCE_CHUNK, margin=margin)
+    return probs
+
+
+def _post_in_chunks(info: ModelInfo, probs, work: Path, config: PredictConfig):
+    """Instance labels (or a mask with the stored membrane post-processing) of streamed
+    probabilities, block by block, in a zarr array in `work`; with its output dtype."""
+    import zarr
+
+    chunks, margin = probs.chunks[1:], config.instance_margin
+    instances = config.output == "instances"
+    result = zarr.open_array(
+        store=str(work / "result.zarr"), mode="w", shape=probs.shape[1:], chunks=chunks,
+        dtype=np.uint32 if instances else np.uint8, fill_value=0,
+    )  # fmt: skip
+    if instances:
+        from biounet.instances import instances_in_chunks
+
+        post = instance_config(info)
+        n = instances_in_chunks(probs, result, post, chunk=_INSTANCE_CHUNK, margin=margin)
+        dtype = np.uint16 if n < 2**16 else np.uint32
+    else:
+        from biounet.membranes import classes_in_chunks
+
+        classes_in_chunks(probs, result, membrane_config(info), _INSTANCE_CHUNK, margin)
+        dtype = np.uint8
     fault_point(f"{work.name}: labels written")
-    return labels, n
+    return result, dtype
 
 
 def _read_blocks(labels, block_shape: tuple[int, int], dtype):
@@ -318,7 +377,6 @@ def _streams(path: Path, config: PredictConfig) -> bool:
 
     return (
         config.output in ("mask", "instances")
-        and not config.tta
         and not config.overlay
         and path.suffix.lower() in (".tif", ".tiff")  # other formats decode whole anyway
         and (config.stream or image_pixels(path) > config.stream_pixels)
@@ -468,7 +526,7 @@ def _predict_file(engine, info, path: Path, out_dir: Path, config, progress) -> 
         predict_large(engine, info, path, target, config, progress=progress)
         return [target]
     x = normalize(read_image(path, info.net.in_channels), info.normalization)
-    probs = engine.probabilities(x, None, config.tiling, config.tta, progress)
+    probs = engine.probabilities(x, None, config.tiling, wants_tta(config, info), progress)
     result = output_array(probs, info, config.output)
     # outputs overlay the input at scale, and say what computed them
     write_tiff(target, result, read_pixel_size(path), made_by(engine))

@@ -55,10 +55,10 @@ def open_blockwise(path: Path, out_dir: Path, in_channels: int, config) -> Block
 
     Paths are made absolute: cluster workers may run in other folders."""
     path, out_dir = Path(path).absolute(), Path(out_dir).absolute()
-    if config.tta or config.overlay:
+    if config.overlay:
         raise BiounetError(
-            f"{path}: block-wise prediction (zarr inputs, `cluster`) writes no overlay and "
-            "runs no TTA; drop `overlay` and `tta`"
+            f"{path}: block-wise prediction (zarr inputs, `cluster`) writes no overlay; "
+            "drop `overlay`"
         )
     image, ome = None, None
     if is_zarr(path):

@@ -386,7 +386,7 @@ class _OpenVino(_Converted):
 
     engine = "openvino"
     FILE = "model.xml"  # and model.bin
-    SHAPES = 3  # a plan's tile, its last smaller batch, the tile turned (TTA, non-square)
+    SHAPES = 4  # a plan's tile and its last smaller batch, each also turned (TTA, non-square)
     HINTS = {"fp32": "f32", "bf16": "bf16"}
 
     def convert(self, folder: Path) -> None:

@@ -39,6 +39,7 @@ from biounet.errors import BiounetError
 from biounet.mirror import mirror_crop
 from biounet.model import UNet
 from biounet.precision import autocast, bytes_per_value, memory_format
+from biounet.tta import average_views, bounding_box, view_windows
 
 # Allocator slack and oneDNN's reordered copies over the live feature maps counted by
 # `UNetConfig.peak_activations` (exact for the live tensors, tests/test_model.py); bench/memory.py
@@ -55,6 +56,7 @@ class AxisPlan:
     stride: int
     context: int  # input pixels before the first kept output pixel
     crop: int  # network output pixels discarded before the first kept one
+    period: int  # the pooling period 2**depth: tile origins lie on its grid
 
     def origins(self, length: int) -> list[int]:
         """Output origins of the tiles covering ``[0, length)``."""
@@ -126,7 +128,12 @@ def _snap_axis(net: UNetConfig, request: int, at_least: int, halo: int, up: bool
         raise BiounetError(f"tile size {request} is too small")
     tile_in = out + 2 * context
     return AxisPlan(
-        tile_in=tile_in, tile_out=out, stride=out // step * step, context=context, crop=crop
+        tile_in=tile_in,
+        tile_out=out,
+        stride=out // step * step,
+        context=context,
+        crop=crop,
+        period=step,
     )
 
 
@@ -277,6 +284,7 @@ def tile_outputs(
     prepare: Callable[[np.ndarray], np.ndarray] | None = None,
     progress: Callable[[int, int], None] | None = None,
     total: int | None = None,
+    tta: bool = False,
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """The one tile loop: mirrored input windows, batched forward passes, kept output blocks.
 
@@ -305,6 +313,9 @@ def tile_outputs(
     progress : callable(done, total), optional
     total : int, optional
         Tile count reported to `progress` (default: the length of `origins`).
+    tta : bool
+        Average each tile over its 8 rotations and flips (`biounet.tta`): 8 forward calls per
+        batch, and blocks that are the log of the mean probabilities.
 
     Yields
     ------
@@ -315,13 +326,15 @@ def tile_outputs(
     """
     origins = list(origins)
     total = len(origins) if total is None else total
-    (ch, cw), (kh, kw) = (plan.y.crop, plan.x.crop), keep
+    (ch, cw), (kh, kw) = ((0, 0) if tta else (plan.y.crop, plan.x.crop)), keep
     # Three stages in three threads, one batch apart: reading and normalising the next windows
     # and using the previous outputs (the caller: argmax, compression, writing) overlap the
     # forward pass. One batch waits between stages: memory follows the batch, not the image.
-    batches = ahead(_windows(image, plan, origins, batch_size, prepare), name="biounet-read")
+    read = _views if tta else _windows
+    batches = ahead(read(image, plan, origins, batch_size, prepare), name="biounet-read")
     done = 0
-    with closing(ahead(_forwarded(forward, batches), name="biounet-forward")) as results:
+    stream = _forwarded(forward, batches, (plan.y.tile_out, plan.x.tile_out))
+    with closing(ahead(stream, name="biounet-forward")) as results:
         for where, result in results:
             for (oy, ox), tile in zip(where, result, strict=True):
                 yield oy, ox, tile[:, ch : ch + kh, cw : cw + kw]
@@ -342,11 +355,32 @@ def _windows(image, plan: TilePlan, origins: list, batch_size: int, prepare):
         yield where, np.stack(windows)
 
 
-def _forwarded(forward: Forward, batches: Iterator):
+def _views(image, plan: TilePlan, origins: list, batch_size: int, prepare):
+    """Batches ``(origins, (windows, corners, views))`` for TTA: per tile, one prepared window
+    holding all its views' windows, its top-left pixel, and its `view_windows`."""
+    shape, axes = image.shape[-2:], (plan.y, plan.x)
+    for b in range(0, len(origins), batch_size):
+        where = origins[b : b + batch_size]
+        reads, corners, views = [], [], []
+        for oy, ox in where:
+            block = ((oy, oy + plan.y.tile_out), (ox, ox + plan.x.tile_out))
+            tile_views = view_windows(shape, block, axes, plan.y.period)
+            (y0, y1), (x0, x1) = bounding_box(tile_views)
+            window = mirror_crop(image, y0, x0, y1 - y0, x1 - x0)
+            reads.append(window if prepare is None else prepare(window))
+            corners.append((y0, x0))
+            views.append(tile_views)
+        yield where, (reads, corners, views)
+
+
+def _forwarded(forward: Forward, batches: Iterator, size: tuple[int, int]):
     """``(origins, outputs)`` of each batch; closes `batches` (its thread) when stopped."""
     with closing(batches):
         for where, windows in batches:
-            yield where, forward(windows)
+            if isinstance(windows, tuple):  # TTA: the views' mean, per tile
+                yield where, average_views(forward, *windows, size)
+            else:
+                yield where, forward(windows)
 
 
 def predict_tiled(
@@ -356,6 +390,7 @@ def predict_tiled(
     num_classes: int,
     batch_size: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    tta: bool = False,
 ) -> np.ndarray:
     """Run `forward` over the tiles of `image` and stitch the outputs.
 
@@ -371,17 +406,20 @@ def predict_tiled(
     batch_size : int
         Tiles per forward call.
     progress : callable(done, total), optional
+    tta : bool
+        Average each tile over its 8 rotations and flips (see `tile_outputs`).
 
     Returns
     -------
     ndarray of float32, shape (K, H, W)
-        Raw network outputs (logits), stitched.
+        Raw network outputs (logits), stitched; with `tta` the log of the mean probabilities.
     """
     height, width = image.shape[-2:]
     out = np.empty((num_classes, height, width), np.float32)
     keep = (plan.y.tile_out, plan.x.tile_out)
+    origins = plan.tiles((height, width))
     tiles = tile_outputs(
-        forward, image, plan, plan.tiles((height, width)), keep, batch_size, progress=progress
+        forward, image, plan, origins, keep, batch_size, progress=progress, tta=tta
     )
     with closing(tiles):  # an exception here (in `progress`, say) stops the threads at once
         for oy, ox, block in tiles:

@@ -226,14 +226,18 @@ def run(
     _check_training_memory(info, config, device, world)
     if init is not None and not resume:
         model, init_info = init
-        info = init_info.replace(training=None, weights_dtype=info.weights_dtype)
+        # a stored membrane post-processing and TTA were chosen for the initial weights
+        post = {k: v for k, v in (init_info.postprocess or {}).items()
+                if k not in ("membranes", "tta")} or None  # fmt: skip
+        info = init_info.replace(training=None, weights_dtype=info.weights_dtype, postprocess=post)
     else:
         torch.manual_seed(config.seed)
         model = UNet(info.net)
     if examples.instance_pairs:
         # Trained on instance masks: `predict --output instances` needs no further flags.
         # A default until the end of training, when it is fitted on training images.
-        info = info.replace(postprocess={"instances": _default_post(data).to_dict()})
+        post = {**(info.postprocess or {}), "instances": _default_post(data).to_dict()}
+        info = info.replace(postprocess=post)
     info = info.replace(
         training={
             "command": command,
@@ -301,7 +305,7 @@ def _finish(examples, info, config, data, recorder, state, device, world_size=1)
     kept = recorder.kept_network(info)  # the weights saved, which may be the best validated
     if examples.instance_pairs:
         post = fit_postprocess(kept, info, examples.instance_pairs, data, config.precision, device)
-        info = info.replace(postprocess={"instances": post.to_dict()})
+        info = info.replace(postprocess={**(info.postprocess or {}), "instances": post.to_dict()})
     recorder.on_end(info)
     return kept, info
 

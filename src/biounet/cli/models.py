@@ -85,9 +85,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"normalisation: {info.normalization.method}",
         *_training_lines(info.training),
     ]
-    if info.postprocess and info.postprocess.get("instances"):
-        post = info.postprocess["instances"]
-        lines.append("instances: " + ", ".join(f"{k} {v}" for k, v in post.items()))
+    for name in ("instances", "membranes"):  # the stored post-processing
+        if info.postprocess and info.postprocess.get(name):
+            post = info.postprocess[name]
+            lines.append(f"{name}: " + ", ".join(f"{k} {v}" for k, v in post.items()))
+    if info.postprocess and info.postprocess.get("tta"):
+        lines.append("predicts with TTA (8 rotations and flips) unless told --no-tta")
     to_stdout = args.json is not None and str(args.json) == "-"
     if not args.quiet:  # beside JSON on standard output, the summary goes to standard error
         print("\n".join(lines), file=sys.stderr if to_stdout else sys.stdout)

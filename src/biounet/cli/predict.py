@@ -73,9 +73,10 @@ def add_parser(sub) -> None:
         "--instance-margin",
         type=int,
         default=d("instance_margin"),
-        help="px of context around each block of 1024 px or more when instances are labelled "
-        "block by block (streamed TIFFs, zarr, --cluster): must exceed the widest clump of "
-        "touching cells (default %(default)s)",
+        help="px of context around each block of 1024 px or more when instances (or the masks "
+        "of a model with a stored membrane post-processing) are made block by block (streamed "
+        "TIFFs, zarr, --cluster): must exceed the widest clump of touching cells "
+        "(default %(default)s)",
     )
     q.add_argument(
         "--skip-existing",
@@ -85,8 +86,10 @@ def add_parser(sub) -> None:
     )
     q.add_argument(
         "--tta",
-        action="store_true",
-        help="average over the 8 rotations/flips of each image (8x slower, smoother borders)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average over the 8 rotations/flips of each tile (8x slower, smoother borders); "
+        "default: as the model's config says (postprocess.tta), else off",
     )
     q.add_argument(
         "--cluster",

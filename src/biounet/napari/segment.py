@@ -53,6 +53,18 @@ def model_choices() -> list[str]:
     return sorted(biounet.models())
 
 
+def stored_tta(source: str) -> bool:
+    """Whether the model `source` (a name or a folder) predicts with TTA by default
+    (``postprocess.tta``); False where it cannot be read (the run will say why)."""
+    from biounet.modeldir import load_info, resolve_model
+
+    try:
+        info = load_info(resolve_model(source))
+    except (BiounetError, OSError):
+        return False
+    return bool((info.postprocess or {}).get("tta", False))
+
+
 def load_model(source: str) -> biounet.Model:
     """`biounet.load`, kept between runs; a model folder whose weights changed (retrained)
     is loaded again."""
@@ -70,7 +82,7 @@ def predict_layer(
     image: Snapshot,
     source: str,
     output: str = "mask",
-    tta: bool = False,
+    tta: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Result:
     """Segment an image layer's `snapshot` with the model `source` (a name or a folder).
@@ -147,6 +159,6 @@ def add_result(viewer, result: Result) -> list:
     return list(layers) if isinstance(layers, list | tuple) else [layers]
 
 
-def segment(viewer, layer, source: str, output: str = "mask", tta: bool = False) -> list:
+def segment(viewer, layer, source: str, output: str = "mask", tta: bool | None = None) -> list:
     """`snapshot`, `predict_layer` and `add_result`, in this thread."""
     return add_result(viewer, predict_layer(snapshot(layer), source, output, tta))

@@ -20,7 +20,13 @@ from magicgui.widgets import (
     create_widget,
 )
 
-from biounet.napari.segment import OUTPUTS, add_result, model_choices, predict_layer
+from biounet.napari.segment import (
+    OUTPUTS,
+    add_result,
+    model_choices,
+    predict_layer,
+    stored_tta,
+)
 
 FOLDER = "a model folder..."
 POLL_S = 0.1  # how often the worker reports progress to the bar
@@ -53,8 +59,16 @@ class SegmentWidget(Container):
             ]
         )
         self.model.changed.connect(lambda value: setattr(self.folder, "visible", value == FOLDER))
+        # the box starts as the chosen model predicts by default (its stored postprocess.tta)
+        self.model.changed.connect(self._model_chosen)
+        self.folder.changed.connect(self._model_chosen)
+        self._model_chosen()
         self.run_button.changed.connect(self.start)
         self.worker = None
+
+    def _model_chosen(self, *_) -> None:
+        if self.model.value != FOLDER or str(self.folder.value) not in ("", "."):
+            self.tta.value = stored_tta(self.source())
 
     def source(self) -> str:
         """The model to load: a shipped name or the chosen folder."""
@@ -78,7 +92,7 @@ class SegmentWidget(Container):
             layer,
             self.source(),
             self.output.value,
-            self.tta.value,
+            bool(self.tta.value),
             _start_thread=False,
         )
         self.worker.yielded.connect(self._advance)

@@ -1,0 +1,129 @@
+"""The release models' scoring protocol (bench/score_unseen.py) and cross-validation folds
+(bench/crossval.py), on known answers."""
+
+import sys
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from biounet.membranes import MembraneConfig  # noqa: E402
+from crossval import choose_membranes, folds, membrane_grid  # noqa: E402
+from score_unseen import membrane_cells, membrane_scores, summarize  # noqa: E402
+
+
+def _membranes(*columns: int, rows: tuple[int, ...] = ()) -> np.ndarray:
+    """A 20 x 30 mask with 1 px membranes at these columns and rows."""
+    m = np.zeros((20, 30), bool)
+    m[:, list(columns)] = True
+    m[list(rows), :] = True
+    return m
+
+
+def test_cells_take_the_membranes_of_their_side():
+    cells = membrane_cells(_membranes(10, 20))
+    assert cells.min() == 1 and cells.max() == 3  # every pixel in a cell
+    assert (cells[:, :10] == cells[0, 0]).all() and (cells[:, 11:20] == cells[0, 15]).all()
+
+
+def test_perfect_prediction_scores_zero():
+    truth = _membranes(10, 20, rows=(8,))
+    scores = membrane_scores(truth, truth)
+    assert scores == pytest.approx(
+        {"pixel_error": 0.0, "rand_error": 0.0, "vi_split": 0.0, "vi_merge": 0.0}, abs=1e-12
+    )
+
+
+def test_a_missing_membrane_is_a_merge_and_an_extra_one_a_split():
+    truth = _membranes(10, 20)
+    merged = membrane_scores(_membranes(10), truth)
+    assert merged["pixel_error"] == pytest.approx(20 / 600)
+    assert merged["vi_merge"] > 0.5 and merged["vi_split"] == pytest.approx(0, abs=1e-12)
+    split = membrane_scores(_membranes(10, 20, rows=(8,)), truth)
+    assert split["vi_split"] > 0.5 and split["vi_merge"] == pytest.approx(0, abs=1e-12)
+    assert 0 < split["rand_error"] < 1 and 0 < merged["rand_error"] < 1
+
+
+def _rand_f_brute_force(true: np.ndarray, pred: np.ndarray) -> float:
+    """1 - F of pixel pairs together in both (the SNEMI3D adapted Rand, true 0 ignored)."""
+    keep = true.ravel() > 0
+    t, p = true.ravel()[keep], pred.ravel()[keep]
+    both = same_t = same_p = 0
+    for i, j in combinations(range(t.size), 2):
+        st, sp = t[i] == t[j], p[i] == p[j]
+        both, same_t, same_p = both + (st and sp), same_t + st, same_p + sp
+    precision, recall = both / same_p, both / same_t
+    return 1 - 2 * precision * recall / (precision + recall)
+
+
+def test_rand_error_matches_a_brute_force_pair_count():
+    rng = np.random.default_rng(3)
+    truth = np.zeros((9, 11), bool)
+    truth[4, :] = truth[:, 5] = True
+    pred = truth.copy()
+    pred[4, 1:4] = False  # a gap: two true cells merge
+    pred[rng.random(pred.shape) < 0.05] = True
+    from score_unseen import true_cells
+
+    expected = _rand_f_brute_force(true_cells(truth), membrane_cells(pred))
+    assert membrane_scores(pred, truth)["rand_error"] == pytest.approx(expected)
+
+
+def test_instances_pool_over_images():
+    from biounet.metrics import instance_scores
+
+    truth = np.zeros((20, 20), np.int32)
+    truth[2:8, 2:8], truth[12:18, 12:18] = 1, 2
+    pred = truth.copy()
+    pred[12:18, 12:18] = 0  # one missed object in the second image
+    per_image = {"a": instance_scores(truth, truth), "b": instance_scores(pred, truth)}
+    overall = summarize("instances", per_image)
+    assert overall["ap50"] == pytest.approx(3 / 4)  # TP 3, FN 1, FP 0
+    assert overall["n_true"] == 4 and overall["n_pred"] == 3
+
+
+def _fake_data(root: Path) -> Path:
+    for dataset, ext, count in (("isbi2012", "png", 25), ("bbbc039", "tif", 100)):
+        (root / dataset / "images").mkdir(parents=True)
+        for i in range(count):
+            (root / dataset / "images" / f"{i:03d}.{ext}").touch()
+    return root
+
+
+def test_folds_partition_the_images(tmp_path):
+    data = _fake_data(tmp_path)
+    isbi = folds(data, "isbi2012")
+    assert isbi == [[f"{i:03d}.png" for i in range(5 * k, 5 * k + 5)] for k in range(5)]
+    bbbc = folds(data, "bbbc039")
+    assert [len(f) for f in bbbc] == [20] * 5
+    assert sorted(sum(bbbc, [])) == sorted(f"{i:03d}.tif" for i in range(100))
+    assert bbbc == folds(data, "bbbc039")  # fixed, not drawn anew
+    assert bbbc[0] != [f"{i:03d}.tif" for i in range(20)]  # shuffled, not cut by name
+
+
+def test_every_grid_entry_is_a_valid_post_processing():
+    grid = membrane_grid()
+    assert "plain t0.5" in grid and "tta t0.5" in grid
+    for spec in grid.values():
+        MembraneConfig(**{k: v for k, v in spec.items() if k != "tta"})
+
+
+def test_the_choice_keeps_the_pixel_error_and_lowers_the_rand_error():
+    def fold(values):
+        return {"membrane_grid": {name: dict(zip(("pixel_error", "rand_error", "vi_merge",
+                "vi_split"), v, strict=True)) for name, v in values.items()}}  # fmt: skip
+
+    folds_ = [
+        fold(
+            {"plain t0.5": (0.07, 0.09, 0, 0), "a": (0.0705, 0.03, 0, 0), "b": (0.09, 0.01, 0, 0)}
+        ),
+        fold(
+            {"plain t0.5": (0.08, 0.07, 0, 0), "a": (0.0805, 0.05, 0, 0), "b": (0.10, 0.02, 0, 0)}
+        ),
+    ]
+    best, stats = choose_membranes(folds_)
+    assert best == "a"  # "b" merges less but costs pixel error
+    assert stats["a"]["rand_error"][0] == pytest.approx(0.04)
