@@ -280,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         result = run_fold(args.recipe, k, args.data, args.out)
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(result, indent=1))
+        partial = target.with_suffix(".json.part")  # a kill leaves no half-written fold
+        partial.write_text(json.dumps(result, indent=1))
+        partial.replace(target)
         print(table([args.recipe]), flush=True)
     return 0
 
