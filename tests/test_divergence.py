@@ -272,9 +272,13 @@ def test_resume_of_a_checkpoint_scored_the_old_way_selects_again(touching, tmp_p
         ({"membranes": {"membrane_class": True}}, "`membrane_class` must be an integer"),
         ({"membranes": [0.5]}, "postprocess.membranes must be an object"),
         ({"watershed": {}}, "unknown postprocess key\\(s\\) watershed; known: instances"),
+        ({"instances": {"gap": -1}}, "postprocess.instances: `gap` must be in"),
+        ({"instances": {"threshold": "0.5"}}, "`threshold` must be a finite number"),
+        ({"instances": {"border_class": 2}}, "border_class 2 is not one of the model's 2"),
+        ({"instances": {"cell_class": 5}}, "cell_class 5 is not one of the model's 2"),
     ],
 )
-def test_a_bad_stored_membrane_post_processing_is_refused_on_load(tmp_path, post, match):
+def test_a_bad_stored_post_processing_is_refused_on_load(tmp_path, post, match):
     save_model(
         tmp_path / "m", UNet(NET), ModelInfo(NET, ("interior", "membrane"), postprocess=post)
     )

@@ -116,6 +116,7 @@ def scattered_clumps(shape=(230, 310), n=60, seed=0):
         InstanceConfig(expand=2, min_size=30),
         InstanceConfig(fill_holes=False),
         InstanceConfig(seed_threshold=0.9, expand=0, max_hole=8),
+        InstanceConfig(expand=0, gap=3, max_hole=8),
     ],
 )
 @pytest.mark.parametrize("chunk", [37, 64, 1000])
@@ -197,3 +198,49 @@ def test_three_class_chunked_post_processing_equals_whole_image():
 def test_seeds_below_the_cell_threshold_are_refused():
     with pytest.raises(BiounetError, match="seed_threshold 0.3 is below threshold 0.5"):
         InstanceConfig(seed_threshold=0.3)
+
+
+def test_gap_closes_carved_contacts_and_leaves_free_outlines_as_drawn():
+    truth = touching_disks()
+    carved = carve_borders(truth)
+    probs = one_hot((carved > 0).astype(int), 2)
+    as_drawn = instances_from_probabilities(probs, InstanceConfig(expand=0))
+    grown = instances_from_probabilities(probs, InstanceConfig(expand=1))
+    closed = instances_from_probabilities(probs, InstanceConfig(expand=0, gap=3))
+    contacts = touching_borders(truth)
+    assert closed.max() == truth.max() == 12  # no cell lost or merged
+    # the carved contacts come back to their own cells...
+    assert np.mean(closed[contacts] == truth[contacts]) > 0.95
+    assert np.all(as_drawn[contacts] == 0)
+    # ...and no outline away from another cell moves: the disks' free edges stay exact
+    free = ~ndimage.binary_dilation(contacts, iterations=3)
+    np.testing.assert_array_equal(closed[free], as_drawn[free])
+    np.testing.assert_array_equal(closed[free] > 0, truth[free] > 0)
+    wrong = [np.count_nonzero(labels != truth) for labels in (closed, grown, as_drawn)]
+    assert wrong[0] < min(wrong[1:])  # fewer wrong pixels than growing all, or nothing
+
+
+def test_gap_closes_gaps_up_to_its_width_and_no_wider():
+    classes = np.zeros((20, 40), int)
+    classes[5:15, 2:10] = 1
+    classes[5:15, 13:21] = 1  # a 3 px gap: closed
+    classes[5:15, 25:33] = 1  # a 4 px gap: left open
+    labels = instances_from_probabilities(one_hot(classes, 2), InstanceConfig(expand=0, gap=3))
+    assert labels.max() == 3
+    want = classes.copy()
+    want[5:15, 10:13] = 1
+    np.testing.assert_array_equal(labels > 0, want > 0)
+    assert np.all(labels[5:15, 10] == labels[10, 5])  # each side to the nearer box
+    assert np.all(labels[5:15, 12] == labels[10, 15])  # (the middle column is a tie)
+    assert np.all(labels[:, 21:25] == 0)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("gap", -1), ("expand", 1.5), ("min_size", True), ("threshold", float("nan")),
+     ("threshold", 1.0), ("seed_threshold", 0.0), ("cell_class", -1), ("max_hole", "8"),
+     ("fill_holes", "yes")],
+)  # fmt: skip
+def test_bad_config_values_are_refused_by_name(field, value):
+    with pytest.raises(BiounetError, match=field):
+        InstanceConfig(**{field: value})

@@ -11,7 +11,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from biounet.membranes import MembraneConfig  # noqa: E402
-from crossval import choose_membranes, folds, membrane_grid  # noqa: E402
+from crossval import (  # noqa: E402
+    choose_membranes,
+    family_table,
+    fit_choices,
+    folds,
+    instance_grid,
+    membrane_grid,
+)
 from score_unseen import membrane_cells, membrane_scores, summarize  # noqa: E402
 
 
@@ -127,3 +134,30 @@ def test_the_choice_keeps_the_pixel_error_and_lowers_the_rand_error():
     best, stats = choose_membranes(folds_)
     assert best == "a"  # "b" merges less but costs pixel error
     assert stats["a"]["rand_error"][0] == pytest.approx(0.04)
+
+
+def test_instance_grid_is_the_fit_grid_and_each_family_picks_on_training_scores():
+    grid = instance_grid(None)
+    assert len(grid) == 20 and {c.gap for c in grid.values()} == {0, 3, 5}
+    entries = {name: {"train_mean_ap": 0.5} for name in grid}
+    assert fit_choices(entries, grid) == {"fit without gap": next(iter(grid))} | {
+        "fit with gap": next(iter(grid))
+    }  # ties: the first entry, as the fit breaks them
+    entries["seeds>0.8 expand0 gap3"]["train_mean_ap"] = 0.7
+    entries["seeds>0.7 expand1 gap0"]["train_mean_ap"] = 0.6
+    assert fit_choices(entries, grid) == {
+        "fit without gap": "seeds>0.7 expand1 gap0",
+        "fit with gap": "seeds>0.8 expand0 gap3",
+    }
+
+
+def test_family_table_gives_the_per_fold_difference():
+    def fold(old, new):
+        entries = {"a": {"held_out": {"ap50": 0.9, "mean_ap": old, "ap75": 0.8}},
+                   "b": {"held_out": {"ap50": 0.9, "mean_ap": new, "ap75": 0.8}}}  # fmt: skip
+        families = {"fit without gap": "a", "fit with gap": "b"}
+        return {"instance_grid": {"entries": entries, "families": families}}
+
+    text = family_table([fold(0.70, 0.72), fold(0.80, 0.81)], "t")
+    assert "| fit with gap | 0.9000 +- 0.0000 | 0.7650 +- 0.0636 | 0.8000 +- 0.0000 | " in text
+    assert text.strip().endswith("0.0150 +- 0.0071 |")

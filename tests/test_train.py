@@ -238,6 +238,31 @@ def test_post_processing_fitted_to_a_network_that_draws_faint_gaps(tmp_path):
     assert post == InstanceConfig(seed_threshold=0.7, expand=0)  # the lowest that splits
 
 
+def test_post_processing_fitted_to_a_network_that_carves_contacts(tmp_path):
+    """Cells drawn at their true extent except their carved contacts: growing every outline
+    by 1 px loses IoU; closing the contacts alone (gap) restores them: the fit must pick it."""
+    from biounet.instances import InstanceConfig
+    from biounet.normalize import NormalizeConfig
+    from biounet.trainer import fit_postprocess
+    from biounet.weightmap import carve_borders
+
+    from .test_instances import touching_disks
+
+    (tmp_path / "i").mkdir()
+    (tmp_path / "m").mkdir()
+    pairs = []
+    for k, (rows, cols) in enumerate([(2, 3), (3, 3)]):
+        truth = touching_disks(rows, cols)
+        p = np.where(carve_borders(truth) > 0, 0.97, 0.02).astype(np.float32)
+        pairs.append((tmp_path / "i" / f"{k}.tif", tmp_path / "m" / f"{k}.tif"))
+        tifffile.imwrite(pairs[-1][0], p)
+        tifffile.imwrite(pairs[-1][1], truth.astype(np.uint16))
+    net = UNetConfig(depth=1, base_channels=2, padding="same")
+    info = ModelInfo(net, ("background", "cell"), normalization=NormalizeConfig(method="none"))
+    post = fit_postprocess(_ProbabilityNet(), info, pairs, DataConfig(), "fp32")
+    assert post == InstanceConfig(seed_threshold=0.5, expand=0, gap=3)
+
+
 def test_cosine_schedule_follows_steps_or_time_whichever_is_further():
     from biounet.loop import lr_factor
 

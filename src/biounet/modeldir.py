@@ -139,11 +139,14 @@ def _check_postprocess(post, num_classes: int) -> None:
             config = kind(**stored)
         except (TypeError, ValueError) as exc:
             raise BiounetError(f"postprocess.{name}: {exc}") from None
-        if name == "membranes" and config.membrane_class >= num_classes:
-            raise BiounetError(
-                f"postprocess.membranes: membrane_class {config.membrane_class} is not one of "
-                f"the model's {num_classes} classes"
-            )
+        classes = {"membranes": ("membrane_class",), "instances": ("cell_class", "border_class")}
+        for key in classes[name]:
+            value = getattr(config, key)
+            if value is not None and value >= num_classes:
+                raise BiounetError(
+                    f"postprocess.{name}: {key} {value} is not one of the model's "
+                    f"{num_classes} classes"
+                )
 
 
 def default_class_names(num_classes: int) -> tuple[str, ...]:

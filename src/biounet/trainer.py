@@ -58,6 +58,14 @@ from biounet.tiling import tile_memory
 
 log = logging.getLogger(__name__)
 SEED_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+# how cells grow back over the pixels carved between them in training (`InstanceConfig`)
+# (networks draw the carved gaps 2 px wide or wider, so gaps of up to 3 or 5 px close)
+GROWTH = (
+    {"expand": 0, "gap": 0},
+    {"expand": 1, "gap": 0},
+    {"expand": 0, "gap": 3},
+    {"expand": 0, "gap": 5},
+)
 
 
 def configs_from_options(
@@ -432,17 +440,19 @@ def fit_postprocess(
     """Instance post-processing fitted to a trained model on (training) image/mask pairs.
 
     `pairs`: (image file, mask file) or (image (C, H, W), instance mask (H, W)) arrays.
-    Tries seeds at each of `SEED_THRESHOLDS` and 0 or 1 px of growth (how far cells must
-    grow back depends on how large the network draws them, which depends on the training),
-    and keeps the pair with the best pooled mean AP over IoU 0.5:0.95 on up to `max_images`
-    evenly spaced pairs, scored against their uncarved instance masks.
+    Tries seeds at each of `SEED_THRESHOLDS` with each of `GROWTH`: no growth, 1 px of growth
+    everywhere, or the carved contacts closed (``gap``) and outlines as drawn (how far cells
+    must grow back depends on how large the network draws them, which depends on the
+    training), and keeps the one with the best pooled mean AP over IoU 0.5:0.95 on up to
+    `max_images` evenly spaced pairs, scored against their uncarved instance masks (ties: the
+    first, so the simpler growth).
     """
     engine = Engine(model, device or torch.device("cpu"), precision, info.net)
     pairs = pairs[:: -(-len(pairs) // max_images)]
     configs = [
-        replace(_default_post(data), seed_threshold=seed, expand=expand)
+        replace(_default_post(data), seed_threshold=seed, **growth)
         for seed in SEED_THRESHOLDS
-        for expand in (0, 1)
+        for growth in GROWTH
     ]
     scores: list[list[dict]] = [[] for _ in configs]
     for image, truth in pairs:
