@@ -63,7 +63,9 @@ BBBC_TRAIN = [
 # and the flags `biounet predict` gets. "base": the shipped models' recipes, their 20 and 15
 # CPU minutes on the machine they were trained on given as steps (1816 and 1869 done).
 # The alternatives the release-models issue names, fixed before any of their folds ran: the
-# paper's full width (base 64), twice the steps, and for BBBC039 the 3-class border target.
+# paper's full width (base 64: 62 MB in float16, over the 20 MB a shipped model may hold, so
+# it can only tell whether width matters), twice the steps, and for BBBC039 the 3-class
+# border target.
 RECIPES = {
     "isbi-base": {"dataset": "isbi2012", "train": ("base", ISBI_TRAIN, 1800), "predict": []},
     "isbi-long": {"dataset": "isbi2012", "train": ("long", ISBI_TRAIN, 3600), "predict": []},
@@ -111,18 +113,23 @@ def fold_split(data: Path, dataset: str, held_out: list[str], out: Path) -> dict
     return dirs
 
 
-def train_fold(dirs: dict[str, Path], model: Path, flags: list[str], steps: int) -> float:
-    """Train one fold's model (unless done) and keep its final weights; the loop's seconds."""
+def train_fold(dirs: dict[str, Path], model: Path, flags: list[str], steps: int,
+               validate: bool = True) -> float:  # fmt: skip
+    """Train one fold's model (unless done) and keep its final weights; the loop's seconds.
+    Without `validate`, every image trains (a release model): no validation, final weights."""
     if _steps_done(model) < steps:
+        held_out = (["--val-images", str(dirs["val_images"]), "--val-masks",
+                     str(dirs["val_truth"]), "--val-every", str(max(1, steps // 3))]
+                    if validate else ["--val-fraction", "0"])  # fmt: skip
         cmd = [*BIOUNET, "train", "--images", str(dirs["train_images"]), "--masks",
-               str(dirs["train_truth"]), "--val-images", str(dirs["val_images"]), "--val-masks",
-               str(dirs["val_truth"]), "--out", str(model), "--steps", str(steps), "--device",
-               "cpu", "--val-every", str(max(1, steps // 3)), "--checkpoint-every", "300",
-               *flags]  # fmt: skip
+               str(dirs["train_truth"]), *held_out, "--out", str(model), "--steps", str(steps),
+               "--device", "cpu", "--checkpoint-every", "300", *flags]  # fmt: skip
         if newest_checkpoint(model) is not None:
             cmd.append("--resume")  # an interrupted fold goes on where it stopped
         run(cmd)
-    if not json.loads((model / "config.json").read_text())["training"].get("weights_step"):
+    if validate and not json.loads((model / "config.json").read_text())["training"].get(
+        "weights_step"
+    ):
         use_final_weights(model)
     last = (model / "training.csv").read_text().strip().splitlines()[-1]
     return float(last.split(",")[4])  # elapsed_s of the last step
@@ -217,27 +224,12 @@ FAMILIES = {"fit without gap": lambda c: c.gap == 0, "fit with gap": lambda c: T
 
 
 def score_instance_grid(model: Path, dirs: dict[str, Path]) -> dict:
-    """Per `instance_grid` entry, the pooled mean AP on the training images the fit sees (up
-    to 20, evenly spaced, as `biounet.trainer.fit_postprocess` takes them) and the scores on
-    the held-out images; per family, the entry the fit would pick (best on the training
-    images; ties: the first) and its held-out scores."""
-    import biounet
-
-    net = biounet.load(model)
-    stored = load_info(model).postprocess["instances"]
-    grid = instance_grid(stored["border_class"])
-    train = sorted(pair_by_stem(list_images(dirs["train_images"]), dirs["train_truth"]))
-    parts = {"train": train[:: -(-len(train) // 20)],
-             "held_out": sorted(pair_by_stem(list_images(dirs["val_images"]),
-                                             dirs["val_truth"]))}  # fmt: skip
-    found = {part: {name: {} for name in grid} for part in parts}
-    for part, pairs in parts.items():
-        for image, truth_path in pairs:
-            probs = net.predict(read_image(image, 1), output="prob", tta=False)
-            truth = read_mask(truth_path)
-            for name, config in grid.items():
-                labels = instances_from_probabilities(probs, config)
-                found[part][name][image.stem] = instance_scores(labels, truth)
+    """Per `instance_grid` entry, the pooled mean AP on the training images the fit sees and
+    the scores on the held-out images; per family, the entry the fit would pick (best on the
+    training images; ties: the first)."""
+    held_out = sorted(pair_by_stem(list_images(dirs["val_images"]), dirs["val_truth"]))
+    parts = {"train": fit_pairs(dirs), "held_out": held_out}
+    grid, found = grid_scores(model, parts)
     result = {"entries": {}, "families": {}}
     for name in grid:
         result["entries"][name] = {
@@ -246,6 +238,31 @@ def score_instance_grid(model: Path, dirs: dict[str, Path]) -> dict:
         }
     result["families"] = fit_choices(result["entries"], grid)
     return result
+
+
+def fit_pairs(dirs: dict[str, Path]) -> list[tuple[Path, Path]]:
+    """The (up to 20, evenly spaced) training pairs a fit is scored on, as
+    `biounet.trainer.fit_postprocess` takes them."""
+    train = sorted(pair_by_stem(list_images(dirs["train_images"]), dirs["train_truth"]))
+    return train[:: -(-len(train) // 20)]
+
+
+def grid_scores(model: Path, parts: dict[str, list]) -> tuple[dict, dict]:
+    """`model`'s `instance_grid` and, per part, entry and image stem, `instance_scores`; the
+    probabilities of each image are computed once (plain, no TTA)."""
+    import biounet
+
+    net = biounet.load(model)
+    grid = instance_grid(load_info(model).postprocess["instances"]["border_class"])
+    found = {part: {name: {} for name in grid} for part in parts}
+    for part, pairs in parts.items():
+        for image, truth_path in pairs:
+            probs = net.predict(read_image(image, 1), output="prob", tta=False)
+            truth = read_mask(truth_path)
+            for name, config in grid.items():
+                labels = instances_from_probabilities(probs, config)
+                found[part][name][image.stem] = instance_scores(labels, truth)
+    return grid, found
 
 
 def fit_choices(entries: dict[str, dict], grid: dict[str, InstanceConfig]) -> dict[str, str]:
@@ -290,7 +307,7 @@ def table(recipes: list[str]) -> str:
     for recipe in recipes:
         dataset = RECIPES[recipe]["dataset"]
         keys = SCORES[dataset]
-        results = _results(recipe)
+        results = fold_results(recipe)
         if not results:
             continue
         lines += [f"\n{recipe} ({dataset})\n", "| fold | " + " | ".join(keys) + " |",
@@ -320,7 +337,7 @@ def choose_membranes(results: list[dict]) -> tuple[str, dict]:
     return best, stats
 
 
-def _results(recipe: str) -> list[dict]:
+def fold_results(recipe: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((RESULTS / recipe).glob("fold*.json"))]
 
 
@@ -367,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.table or args.recipe is None:
         print(table(sorted(RECIPES)))
         for recipe in sorted(RECIPES):
-            print(grid_table(_results(recipe), recipe))
-            print(family_table(_results(recipe), recipe))
+            print(grid_table(fold_results(recipe), recipe))
+            print(family_table(fold_results(recipe), recipe))
         return 0
     for k in (int(f) for f in args.folds.split(",")):
         target = RESULTS / args.recipe / f"fold{k}.json"

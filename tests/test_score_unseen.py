@@ -161,3 +161,30 @@ def test_family_table_gives_the_per_fold_difference():
     text = family_table([fold(0.70, 0.72), fold(0.80, 0.81)], "t")
     assert "| fit with gap | 0.9000 +- 0.0000 | 0.7650 +- 0.0636 | 0.8000 +- 0.0000 | " in text
     assert text.strip().endswith("0.0150 +- 0.0071 |")
+
+
+def test_a_release_stores_what_the_folds_chose():
+    from release import instance_family, membrane_choice
+
+    grid = membrane_grid()
+    lines = "tta t0.5 seeds<0.4 min50 smooth0.0"
+    folds_ = []
+    for shift in (0.0, 0.01):
+        scores = {n: {"pixel_error": 0.08, "rand_error": 0.09 + shift, "vi_merge": 0.0,
+                      "vi_split": 0.0} for n in grid}  # fmt: skip
+        scores["plain t0.5"]["pixel_error"] = 0.0795
+        scores[lines]["rand_error"] = 0.02 + shift
+        folds_.append({"membrane_grid": scores})
+    post, record = membrane_choice(folds_)
+    assert post == {"tta": True, "membranes": MembraneConfig(seed_threshold=0.4,
+                                                             min_seed=50).to_dict()}  # fmt: skip
+    assert record["membranes"] == lines and record["fold_means"]["rand_error"] == 0.025
+
+    def fold(old, new):
+        entries = {"a": {"held_out": {"mean_ap": old}}, "b": {"held_out": {"mean_ap": new}}}
+        families = {"fit without gap": "a", "fit with gap": "b"}
+        return {"instance_grid": {"entries": entries, "families": families}}
+
+    assert instance_family([fold(0.70, 0.72), fold(0.80, 0.79)])[0] == "fit with gap"
+    assert instance_family([fold(0.70, 0.69), fold(0.80, 0.80)])[0] == "fit without gap"
+    assert instance_family([fold(0.70, 0.70)])[0] == "fit without gap"  # a tie: the simpler

@@ -1,0 +1,137 @@
+"""Train a release model on every labelled image in ../shared/data with a cross-validated recipe.
+
+The recipe (training flags and steps) is one of bench/crossval.py's RECIPES, fixed before its
+folds ran, and the post-processing the model stores is the one its folds chose, by rules also
+fixed beforehand:
+
+- ISBI 2012: `crossval.choose_membranes` over the recipe's folds (a threshold or watershed
+  lines, with or without TTA) becomes ``postprocess.membranes`` and ``postprocess.tta``, so the
+  plain `biounet predict` applies it;
+- BBBC039: the growth family (`crossval.FAMILIES`) whose fit scored the higher held-out mean
+  AP over the folds; within it, the entry best on the training images the fit sees (the fit
+  `biounet train` runs, restricted to that family) becomes ``postprocess.instances``.
+
+It refuses to run before all the recipe's folds are in bench/results/cv/RECIPE/ (``--partial``
+allows fewer, for a trial run; never for a model that ships). The model trains on all images
+for the recipe's steps (no validation, final weights), resumes after a kill, and records the
+recipe, the folds and the choice in ``config.json`` (``training.release``).
+
+Usage:
+  .venv/bin/python bench/release.py isbi-base --out models/isbi2012
+  .venv/bin/python bench/release.py bbbc-base --out runs/release/try --partial --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+from biounet.membranes import MembraneConfig
+from biounet.modeldir import load_model, save_model
+from crossval import (
+    FAMILIES,
+    RECIPES,
+    K,
+    choose_membranes,
+    fit_choices,
+    fit_pairs,
+    fold_results,
+    fold_split,
+    grid_scores,
+    membrane_grid,
+    train_fold,
+)
+from score_unseen import summarize
+
+MAX_MB = 20  # the release-models issue: shipped weights stay small
+
+
+def float16_megabytes(flags: list[str]) -> float:
+    """MB of a model trained with `flags` (the last --base-channels wins), stored as float16."""
+    from biounet.architecture import UNetConfig
+    from biounet.model import UNet
+
+    base = int(flags[len(flags) - 1 - flags[::-1].index("--base-channels") + 1])
+    net = UNet(UNetConfig(base_channels=base))
+    return sum(t.numel() for t in net.parameters()) * 2 / 1e6
+
+
+def membrane_choice(results: list[dict]) -> tuple[dict, dict]:
+    """The stored post-processing the ISBI folds chose, and what to record about it."""
+    best, stats = choose_membranes(results)
+    spec = dict(membrane_grid()[best])
+    tta = spec.pop("tta")
+    post = {"membranes": MembraneConfig(**spec).to_dict(), "tta": tta}
+    means = {k: round(v[0], 4) for k, v in stats[best].items()}
+    return post, {"membranes": best, "fold_means": means}
+
+
+def instance_family(results: list[dict]) -> tuple[str, dict[str, float]]:
+    """The growth family whose fit scored the higher mean held-out mean AP over the folds
+    (ties: the first, the simpler), and each family's mean."""
+    means = {}
+    for family in FAMILIES:
+        picks = [r["instance_grid"]["entries"][r["instance_grid"]["families"][family]]
+                 for r in results]  # fmt: skip
+        means[family] = statistics.mean(p["held_out"]["mean_ap"] for p in picks)
+    return max(means, key=means.get), means
+
+
+def instance_choice(results: list[dict], model: Path, dirs: dict[str, Path]) -> tuple[dict, dict]:
+    """The stored instance post-processing: the chosen family's best entry on the training
+    images the fit sees."""
+    family, means = instance_family(results)
+    grid, found = grid_scores(model, {"train": fit_pairs(dirs)})
+    entries = {n: {"train_mean_ap": summarize("instances", found["train"][n])["mean_ap"]}
+               for n in grid}  # fmt: skip
+    name = fit_choices(entries, grid)[family]
+    record = {"family": family, "fold_means": {f: round(m, 4) for f, m in means.items()},
+              "instances": name}  # fmt: skip
+    return {"instances": grid[name].to_dict()}, record
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("recipe", choices=sorted(RECIPES))
+    p.add_argument("--out", type=Path, required=True, help="the model directory to write")
+    p.add_argument("--data", type=Path, default=Path("../shared/data"))
+    p.add_argument("--work", type=Path, default=Path("runs/release"))
+    p.add_argument("--partial", action="store_true", help="allow fewer folds (a trial run)")
+    p.add_argument("--steps", type=int, help="override the recipe's steps (a trial run)")
+    args = p.parse_args(argv)
+    spec = RECIPES[args.recipe]
+    results = fold_results(args.recipe)
+    trial = args.partial or args.steps is not None
+    if trial and args.out.resolve().parent.name == "models":
+        p.error(f"--out {args.out}: a trial run (--partial, --steps) never writes into models/")
+    _, flags, steps = spec["train"]
+    megabytes = float16_megabytes(flags)
+    if megabytes > MAX_MB and args.out.resolve().parent.name == "models":
+        p.error(f"{args.recipe}: {megabytes:.0f} MB of float16 weights; a shipped model may "
+                f"hold {MAX_MB} MB (write it elsewhere with --out)")  # fmt: skip
+    if not results or (len(results) < K and not args.partial):
+        p.error(f"{args.recipe}: {len(results)} of {K} folds in bench/results/cv/; run "
+                f"bench/crossval.py {args.recipe} first (or --partial for a trial)")  # fmt: skip
+    dataset = spec["dataset"]
+    dirs = fold_split(args.data, dataset, [], args.work / dataset / args.recipe / "data")
+    steps = args.steps or steps
+    train_fold(dirs, args.out, flags, steps, validate=False)
+    if dataset == "isbi2012":
+        post, record = membrane_choice(results)
+    else:
+        post, record = instance_choice(results, args.out, dirs)
+    model, info = load_model(args.out)
+    release = {"recipe": args.recipe, "folds": [r["fold"] for r in results], "steps": steps,
+               **record}  # fmt: skip
+    info = info.replace(postprocess={**(info.postprocess or {}), **post},
+                        training={**info.training, "release": release})  # fmt: skip
+    save_model(args.out, model, info)
+    load_model(args.out)  # what was stored passes the load checks
+    print(f"{args.out}: {release}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
