@@ -237,6 +237,8 @@ def score_instance_grid(model: Path, dirs: dict[str, Path]) -> dict:
             "held_out": summarize("instances", found["held_out"][name]),
         }
     result["families"] = fit_choices(result["entries"], grid)
+    stored = InstanceConfig(**load_info(model).postprocess["instances"])
+    result["stored_is_the_fit_with_gap"] = grid[result["families"]["fit with gap"]] == stored
     return result
 
 
@@ -252,8 +254,11 @@ def grid_scores(model: Path, parts: dict[str, list]) -> tuple[dict, dict]:
     probabilities of each image are computed once (plain, no TTA)."""
     import biounet
 
-    net = biounet.load(model)
-    grid = instance_grid(load_info(model).postprocess["instances"]["border_class"])
+    info = load_info(model)
+    # as `fit_postprocess` computes them: torch on the CPU at the training's precision
+    precision = info.training["train_config"]["precision"]
+    net = biounet.load(model, device="cpu", precision=precision, engine="torch")
+    grid = instance_grid(info.postprocess["instances"]["border_class"])
     found = {part: {name: {} for name in grid} for part in parts}
     for part, pairs in parts.items():
         for image, truth_path in pairs:

@@ -13,8 +13,9 @@ fixed beforehand:
 
 It refuses to run before all the recipe's folds are in bench/results/cv/RECIPE/ (``--partial``
 allows fewer, for a trial run; never for a model that ships). The model trains on all images
-for the recipe's steps (no validation, final weights), resumes after a kill, and records the
-recipe, the folds and the choice in ``config.json`` (``training.release``).
+for the recipe's steps (no validation, final weights) in a folder of its own under --work
+(resumed after a kill), records the recipe, the folds and the choice in ``config.json``
+(``training.release``), and then replaces --out whole.
 
 Usage:
   .venv/bin/python bench/release.py isbi-base --out models/isbi2012
@@ -24,6 +25,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -46,6 +48,7 @@ from crossval import (
 from score_unseen import summarize
 
 MAX_MB = 20  # the release-models issue: shipped weights stay small
+MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 def float16_megabytes(flags: list[str]) -> float:
@@ -104,33 +107,61 @@ def main(argv: list[str] | None = None) -> int:
     spec = RECIPES[args.recipe]
     results = fold_results(args.recipe)
     trial = args.partial or args.steps is not None
-    if trial and args.out.resolve().parent.name == "models":
+    shipped = args.out.resolve().is_relative_to(MODELS)
+    if args.out.exists() and not (args.out / "config.json").is_file():
+        p.error(f"--out {args.out}: exists and holds no model; give a new folder or a model's")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps {args.steps}: give 1 or more")
+    if trial and shipped:
         p.error(f"--out {args.out}: a trial run (--partial, --steps) never writes into models/")
     _, flags, steps = spec["train"]
     megabytes = float16_megabytes(flags)
-    if megabytes > MAX_MB and args.out.resolve().parent.name == "models":
+    if megabytes > MAX_MB and shipped:
         p.error(f"{args.recipe}: {megabytes:.0f} MB of float16 weights; a shipped model may "
                 f"hold {MAX_MB} MB (write it elsewhere with --out)")  # fmt: skip
+    if spec["dataset"] == "bbbc039":
+        results = [r for r in results if "instance_grid" in r]  # folds scored before the grid
     if not results or (len(results) < K and not args.partial):
         p.error(f"{args.recipe}: {len(results)} of {K} folds in bench/results/cv/; run "
                 f"bench/crossval.py {args.recipe} first (or --partial for a trial)")  # fmt: skip
     dataset = spec["dataset"]
     dirs = fold_split(args.data, dataset, [], args.work / dataset / args.recipe / "data")
     steps = args.steps or steps
-    train_fold(dirs, args.out, flags, steps, validate=False)
+    # Trained in a folder of its own (resumed after a kill; a trial's has other steps), never
+    # in --out, which may hold the model this one replaces.
+    trained = args.work / dataset / f"{args.recipe}-{steps}steps"
+    train_fold(dirs, trained, flags, steps, validate=False)
     if dataset == "isbi2012":
         post, record = membrane_choice(results)
     else:
-        post, record = instance_choice(results, args.out, dirs)
-    model, info = load_model(args.out)
+        post, record = instance_choice(results, trained, dirs)
+    model, info = load_model(trained)
     release = {"recipe": args.recipe, "folds": [r["fold"] for r in results], "steps": steps,
                **record}  # fmt: skip
     info = info.replace(postprocess={**(info.postprocess or {}), **post},
                         training={**info.training, "release": release})  # fmt: skip
-    save_model(args.out, model, info)
-    load_model(args.out)  # what was stored passes the load checks
+    publish(trained, args.out, model, info)
     print(f"{args.out}: {release}")
     return 0
+
+
+def publish(trained: Path, out: Path, model, info) -> None:
+    """`out` becomes the trained model with `info`, whole or not at all: written beside it,
+    checked by loading, then renamed over it (checkpoints stay behind)."""
+    part = out.with_name(out.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    part.mkdir(parents=True)
+    for f in trained.iterdir():
+        if f.is_file() and f.name not in ("config.json", "weights.safetensors"):
+            shutil.copy2(f, part / f.name)
+    save_model(part, model, info)
+    load_model(part)  # what is stored passes the load checks
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    part.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -244,3 +244,23 @@ def test_gap_closes_gaps_up_to_its_width_and_no_wider():
 def test_bad_config_values_are_refused_by_name(field, value):
     with pytest.raises(BiounetError, match=field):
         InstanceConfig(**{field: value})
+
+
+def test_gap_in_chunks_stays_exact_and_quiet_where_cells_sit_near_each_other(caplog):
+    """A lattice of boxes 4 px apart: with gap 3 every box is within 2 gap of the next, yet each
+    depends only on its neighbours, so the blocks equal the whole map and nothing is flagged."""
+    classes = np.zeros((230, 230), int)
+    for y in range(3, 225, 10):
+        for x in range(3, 225, 10):
+            classes[y : y + 6, x : x + 6] = 1
+    classes[63:69, 69] = 1  # one box 1 px wider: a 3 px gap to its right-hand neighbour
+    probs = one_hot(classes, 2)
+    config = InstanceConfig(expand=0, gap=3, max_hole=8)
+    whole = instances_from_probabilities(probs, config)
+    assert whole.max() == 23 * 23
+    assert np.all(whole[63:69, 70:73] > 0) and np.all(whole[63:69, 59:63] == 0)  # closed; 4 px not
+    out = np.zeros(whole.shape, np.uint32)
+    with caplog.at_level("WARNING", logger="biounet.instances"):
+        instances_in_chunks(probs, out, config, chunk=64, margin=40)
+    np.testing.assert_array_equal(out, whole)
+    assert caplog.text == ""

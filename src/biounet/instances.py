@@ -95,8 +95,12 @@ class InstanceConfig:
         check_number("threshold", self.threshold, low=0, high=1, low_open=True, high_open=True)
         check_number("seed_threshold", self.seed_threshold, low=0, high=1, low_open=True,
                      high_open=True, none_ok=True)  # fmt: skip
-        for name in ("min_size", "expand", "max_hole", "gap"):
-            check_number(name, getattr(self, name), low=0, high=10_000, integer=True)
+        check_number("min_size", self.min_size, low=0, integer=True)
+        check_number("max_hole", self.max_hole, low=0, integer=True)
+        check_number("expand", self.expand, low=0, high=1000, integer=True)
+        check_number("gap", self.gap, low=0, high=50, integer=True)  # (2 gap + 1)^2 passes
+        if self.border_class is not None and self.border_class == self.cell_class:
+            raise BiounetError(f"border_class {self.border_class} is the cell_class")
         if not isinstance(self.fill_holes, bool):
             raise BiounetError(f"`fill_holes` must be true or false, not {self.fill_holes!r}")
         if self.seed_threshold is not None and self.seed_threshold < self.threshold:
@@ -347,23 +351,21 @@ def _clumps_at_cut_edges(
     cut: tuple[bool, bool, bool, bool],
     gap: int = 0,
 ) -> int:
-    """Owned objects whose clump comes within `band` px of a window edge that cuts the image;
-    with `gap`, cells within ``2 * gap`` px of each other are one clump (`_close_contacts`
-    lets them change each other)."""
+    """Owned objects whose clump comes within `band` px of a window edge that cuts the image,
+    or, with `gap`, lies within ``2 * gap`` px of such a clump (`_close_contacts` lets cells
+    that near change each other)."""
     near = np.zeros(labels.shape, bool)
     top, bottom, left, right = cut
     near[:band] |= top
     near[-band:] |= bottom
     near[:, :band] |= left
     near[:, -band:] |= right
-    cells = labels > 0
-    if gap > 0:
-        r = np.arange(-gap, gap + 1)
-        disk = r[:, None] ** 2 + r[None, :] ** 2 <= gap**2
-        cells = ndimage.binary_dilation(cells, structure=disk)
-    clumps, _ = ndimage.label(cells, structure=np.ones((3, 3), bool))
+    clumps, _ = ndimage.label(labels > 0, structure=np.ones((3, 3), bool))
     touching = np.unique(clumps[near])
     touching = touching[touching > 0]
     if not len(touching):
         return 0
-    return int(np.count_nonzero(np.unique(owned[np.isin(clumps, touching)])))
+    at_risk = np.isin(clumps, touching)
+    if gap > 0:
+        at_risk = ndimage.distance_transform_edt(~at_risk) <= 2 * gap
+    return int(np.count_nonzero(np.unique(owned[at_risk & (owned > 0)])))
