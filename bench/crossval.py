@@ -19,6 +19,8 @@ folds already there are skipped, so a study can be spread over sessions and mach
 Usage:
   .venv/bin/python bench/crossval.py isbi-base [--folds 0,1] [--data ../shared/data]
   .venv/bin/python bench/crossval.py --table            (every recipe's folds, mean +- sd)
+Recipes: isbi-base, isbi-long, isbi-b64; bbbc-base, bbbc-long, bbbc-b64, bbbc-class3
+(`RECIPES`). bench/release.py then trains on all images with the recipe that wins.
 Recipes sharing a training (a "train" key) train it once per fold.
 """
 
