@@ -391,8 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.table or args.recipe is None:
         print(table(sorted(RECIPES)))
         for recipe in sorted(RECIPES):
-            print(grid_table(fold_results(recipe), recipe))
-            print(family_table(fold_results(recipe), recipe))
+            for text in (grid_table(fold_results(recipe), recipe),
+                         family_table(fold_results(recipe), recipe)):  # fmt: skip
+                if text:
+                    print(text)
         return 0
     for k in (int(f) for f in args.folds.split(",")):
         target = RESULTS / args.recipe / f"fold{k}.json"
