@@ -212,29 +212,39 @@ class _ProbabilityNet(torch.nn.Module):
         return torch.cat([torch.zeros_like(p), torch.log(p / (1 - p))], dim=1)
 
 
-def test_post_processing_fitted_to_a_network_that_draws_faint_gaps(tmp_path):
-    """Gaps between touching cells at p = 0.65: only seeds above it split them, and cells
-    drawn at their true extent need no growth: the fit must find seeds > 0.65, no growth."""
-    from biounet.instances import InstanceConfig
+def _fit_to_probabilities(tmp_path, maps):
+    """`fit_postprocess` of a network that outputs its input as the cell probability, on
+    (probability map, true instances) pairs written as files."""
     from biounet.normalize import NormalizeConfig
     from biounet.trainer import fit_postprocess
-    from biounet.weightmap import touching_borders
-
-    from .test_instances import touching_disks
 
     (tmp_path / "i").mkdir()
     (tmp_path / "m").mkdir()
     pairs = []
-    for k, (rows, cols) in enumerate([(2, 3), (3, 3), (2, 4)]):
-        truth = touching_disks(rows, cols)
-        p = np.where(truth > 0, 0.97, 0.02).astype(np.float32)
-        p[touching_borders(truth)] = 0.65
+    for k, (p, truth) in enumerate(maps):
         pairs.append((tmp_path / "i" / f"{k}.tif", tmp_path / "m" / f"{k}.tif"))
-        tifffile.imwrite(pairs[-1][0], p)
+        tifffile.imwrite(pairs[-1][0], p.astype(np.float32))
         tifffile.imwrite(pairs[-1][1], truth.astype(np.uint16))
     net = UNetConfig(depth=1, base_channels=2, padding="same")
     info = ModelInfo(net, ("background", "cell"), normalization=NormalizeConfig(method="none"))
-    post = fit_postprocess(_ProbabilityNet(), info, pairs, DataConfig(), "fp32")
+    return fit_postprocess(_ProbabilityNet(), info, pairs, DataConfig(), "fp32")
+
+
+def test_post_processing_fitted_to_a_network_that_draws_faint_gaps(tmp_path):
+    """Gaps between touching cells at p = 0.65: only seeds above it split them, and cells
+    drawn at their true extent need no growth: the fit must find seeds > 0.65, no growth."""
+    from biounet.instances import InstanceConfig
+    from biounet.weightmap import touching_borders
+
+    from .test_instances import touching_disks
+
+    maps = []
+    for rows, cols in [(2, 3), (3, 3), (2, 4)]:
+        truth = touching_disks(rows, cols)
+        p = np.where(truth > 0, 0.97, 0.02)
+        p[touching_borders(truth)] = 0.65
+        maps.append((p, truth))
+    post = _fit_to_probabilities(tmp_path, maps)
     assert post == InstanceConfig(seed_threshold=0.7, expand=0)  # the lowest that splits
 
 
@@ -242,24 +252,13 @@ def test_post_processing_fitted_to_a_network_that_carves_contacts(tmp_path):
     """Cells drawn at their true extent except their carved contacts: growing every outline
     by 1 px loses IoU; closing the contacts alone (gap) restores them: the fit must pick it."""
     from biounet.instances import InstanceConfig
-    from biounet.normalize import NormalizeConfig
-    from biounet.trainer import fit_postprocess
     from biounet.weightmap import carve_borders
 
     from .test_instances import touching_disks
 
-    (tmp_path / "i").mkdir()
-    (tmp_path / "m").mkdir()
-    pairs = []
-    for k, (rows, cols) in enumerate([(2, 3), (3, 3)]):
-        truth = touching_disks(rows, cols)
-        p = np.where(carve_borders(truth) > 0, 0.97, 0.02).astype(np.float32)
-        pairs.append((tmp_path / "i" / f"{k}.tif", tmp_path / "m" / f"{k}.tif"))
-        tifffile.imwrite(pairs[-1][0], p)
-        tifffile.imwrite(pairs[-1][1], truth.astype(np.uint16))
-    net = UNetConfig(depth=1, base_channels=2, padding="same")
-    info = ModelInfo(net, ("background", "cell"), normalization=NormalizeConfig(method="none"))
-    post = fit_postprocess(_ProbabilityNet(), info, pairs, DataConfig(), "fp32")
+    truths = [touching_disks(rows, cols) for rows, cols in [(2, 3), (3, 3)]]
+    maps = [(np.where(carve_borders(t) > 0, 0.97, 0.02), t) for t in truths]
+    post = _fit_to_probabilities(tmp_path, maps)
     assert post == InstanceConfig(seed_threshold=0.5, expand=0, gap=3)
 
 
