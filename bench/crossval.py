@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -166,9 +167,25 @@ def run_fold(recipe: str, k: int, data: Path, out: Path) -> dict:
     return {
         "recipe": recipe, "fold": k, "held_out": held_out, "train_steps": steps,
         "train_flags": flags, "predict": command[2:], "train_seconds": round(seconds, 1),
-        "machine": f"{platform.processor() or platform.machine()}, {platform.node()}",
+        "machine": machine(),
         "date": time.strftime("%Y-%m-%d"), **scores,
     }  # fmt: skip
+
+
+def machine() -> str:
+    """The CPU model, its class for the engines' choice and its cores, e.g. "Intel(R) Xeon(R)
+    Processor (amx), 2 cores" (platform.processor() is empty on Linux)."""
+    from biounet.runtimes import cpu_class
+
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in
+             (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+             if line.startswith("model name")]  # fmt: skip
+    name = names[0] if names else platform.processor() or platform.machine()
+    return f"{name} ({cpu_class()}), {len(os.sched_getaffinity(0))} cores"
+
+
+PLAIN = "plain t0.5"  # the plain argmax: the membrane grid's entry for no post-processing
 
 
 def membrane_grid() -> dict[str, dict]:
@@ -310,21 +327,20 @@ def _mean_sd(values: list[float]) -> str:
 
 def table(recipes: list[str]) -> str:
     """Markdown: per recipe, each finished fold's overall scores, then mean +- sd over folds."""
-    lines = []
-    for recipe in recipes:
-        dataset = RECIPES[recipe]["dataset"]
-        keys = SCORES[dataset]
-        results = fold_results(recipe)
-        if not results:
-            continue
-        lines += [f"\n{recipe} ({dataset})\n", "| fold | " + " | ".join(keys) + " |",
-                  "|---" * (len(keys) + 1) + "|"]  # fmt: skip
-        for r in results:
-            lines.append(
-                f"| {r['fold']} | " + " | ".join(f"{r['overall'][k]:.4f}" for k in keys) + " |"
-            )
-        cells = [_mean_sd([r["overall"][k] for r in results]) for k in keys]
-        lines.append(f"| mean of {len(results)} | " + " | ".join(cells) + " |")
+    return "\n".join(fold_table(recipe, fold_results(recipe)) for recipe in recipes
+                     if fold_results(recipe))  # fmt: skip
+
+
+def fold_table(recipe: str, results: list[dict]) -> str:
+    """Markdown: one recipe's folds (`results`), their overall scores and mean +- sd."""
+    keys = SCORES[RECIPES[recipe]["dataset"]]
+    lines = [f"\n{recipe} ({RECIPES[recipe]['dataset']})\n",
+             "| fold | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]  # fmt: skip
+    for r in results:
+        cells = [f"{r['overall'][k]:.4f}" for k in keys]
+        lines.append(f"| {r['fold']} | " + " | ".join(cells) + " |")
+    cells = [_mean_sd([r["overall"][k] for r in results]) for k in keys]
+    lines.append(f"| mean of {len(results)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -338,7 +354,7 @@ def choose_membranes(results: list[dict]) -> tuple[str, dict]:
         values = {k: [r["membrane_grid"][name][k] for r in results] for k in SCORES["isbi2012"]}
         stats[name] = {k: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
                        for k, v in values.items()}  # fmt: skip
-    limit = stats["plain t0.5"]["pixel_error"][0] + 0.001
+    limit = stats[PLAIN]["pixel_error"][0] + 0.001
     allowed = [n for n in names if stats[n]["pixel_error"][0] <= limit]
     best = min(allowed, key=lambda n: stats[n]["rand_error"][0])
     return best, stats
@@ -350,22 +366,62 @@ def fold_results(recipe: str) -> list[dict]:
 
 def grid_table(results: list[dict], title: str, top: int = 8) -> str:
     """Markdown: the ISBI post-processings by mean Rand error over `results` (folds), the
-    chosen one marked."""
+    chosen one marked, with each one's per-fold change of Rand error against the plain
+    argmax (what models/isbi2012 gave before the folds chose)."""
     results = [r for r in results if "membrane_grid" in r]
     if not results:
         return ""
     best, stats = choose_membranes(results)
     order = sorted(stats, key=lambda n: stats[n]["rand_error"][0])
-    shown = list(dict.fromkeys([*order[:top], "plain t0.5", "tta t0.5", best]))
+    shown = list(dict.fromkeys([*order[:top], PLAIN, "tta t0.5", best]))
     keys = SCORES["isbi2012"]
     lines = [
         f"\n{title}: post-processing over {len(results)} fold(s), mean +- sd\n",
-        "| post-processing | " + " | ".join(keys) + " |",
-        "|---" * (len(keys) + 1) + "|",
+        "| post-processing | " + " | ".join(keys) + " | rand_error - plain, per fold |",
+        "|---" * (len(keys) + 2) + "|",
     ]
     for name in shown:
         cells = [f"{stats[name][k][0]:.4f} +- {stats[name][k][1]:.4f}" for k in keys]
+        change = [r["membrane_grid"][name]["rand_error"] - r["membrane_grid"][PLAIN]["rand_error"]
+                  for r in results]  # fmt: skip
+        cells.append(_mean_sd(change))
         lines.append(f"| {name}{' (chosen)' if name == best else ''} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def nested_membranes(results: list[dict]) -> list[dict]:
+    """Per fold, the post-processing `choose_membranes` picks on the *other* folds, and its
+    scores and the plain argmax's on this fold: what the choice gives on slices it did not
+    see (the chosen entry's mean over all folds flatters it, having been picked on them)."""
+    results = [r for r in results if "membrane_grid" in r]
+    nested = []
+    for i, r in enumerate(results):
+        if len(results) < 2:
+            break
+        name, _ = choose_membranes(results[:i] + results[i + 1 :])
+        nested.append({"fold": r["fold"], "chosen": name, "scores": r["membrane_grid"][name],
+                       "plain": r["membrane_grid"][PLAIN]})  # fmt: skip
+    return nested
+
+
+def nested_table(results: list[dict], title: str) -> str:
+    """Markdown: `nested_membranes` per fold, then mean +- sd of each score and of its
+    per-fold change against the plain argmax."""
+    nested = nested_membranes(results)
+    if not nested:
+        return ""
+    keys = ("pixel_error", "rand_error")
+    lines = [f"\n{title}: each fold scored with the post-processing chosen on the other folds\n",
+             "| fold | chosen on the other folds | " + " | ".join(keys) + " | "
+             + " | ".join(f"{k} - plain" for k in keys) + " |",
+             "|---" * (2 * len(keys) + 2) + "|"]  # fmt: skip
+    for n in nested:
+        cells = [f"{n['scores'][k]:.4f}" for k in keys]
+        cells += [f"{n['scores'][k] - n['plain'][k]:+.4f}" for k in keys]
+        lines.append(f"| {n['fold']} | {n['chosen']} | " + " | ".join(cells) + " |")
+    cells = [_mean_sd([n["scores"][k] for n in nested]) for k in keys]
+    cells += [_mean_sd([n["scores"][k] - n["plain"][k] for n in nested]) for k in keys]
+    lines.append(f"| mean of {len(nested)} | | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -391,8 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.table or args.recipe is None:
         print(table(sorted(RECIPES)))
         for recipe in sorted(RECIPES):
-            for text in (grid_table(fold_results(recipe), recipe),
-                         family_table(fold_results(recipe), recipe)):  # fmt: skip
+            found = fold_results(recipe)
+            for text in (grid_table(found, recipe), nested_table(found, recipe),
+                         family_table(found, recipe)):  # fmt: skip
                 if text:
                     print(text)
         return 0

@@ -25,9 +25,11 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
+import time
 from pathlib import Path
 
 from biounet.membranes import MembraneConfig
@@ -37,17 +39,31 @@ from crossval import (
     RECIPES,
     K,
     choose_membranes,
+    family_table,
     fit_choices,
     fit_pairs,
     fold_results,
     fold_split,
+    fold_table,
     grid_scores,
+    grid_table,
+    machine,
     membrane_grid,
+    nested_table,
     train_fold,
 )
 from score_unseen import summarize
 
 MAX_MB = 20  # the release-models issue: shipped weights stay small
+DATASETS = {"isbi2012": "ISBI 2012 EM membranes", "bbbc039": "BBBC039 nuclei"}
+RULES = {
+    "isbi2012": "among the membrane post-processings (`crossval.membrane_grid`) whose mean "
+    "pixel error over the folds is at most the plain argmax's + 0.001, the lowest mean Rand "
+    "error (`crossval.choose_membranes`)",
+    "bbbc039": "the growth family (`crossval.FAMILIES`) whose fit scored the higher mean "
+    "held-out mean AP over the folds; within it, the entry best on the 20 training images "
+    "the fit of `biounet train` sees",
+}
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
@@ -130,31 +146,87 @@ def main(argv: list[str] | None = None) -> int:
     # Trained in a folder of its own (resumed after a kill; a trial's has other steps), never
     # in --out, which may hold the model this one replaces.
     trained = args.work / dataset / f"{args.recipe}-{steps}steps"
-    train_fold(dirs, trained, flags, steps, validate=False)
+    seconds = train_fold(dirs, trained, flags, steps, validate=False)
     if dataset == "isbi2012":
         post, record = membrane_choice(results)
     else:
         post, record = instance_choice(results, trained, dirs)
     model, info = load_model(trained)
     release = {"recipe": args.recipe, "folds": [r["fold"] for r in results], "steps": steps,
-               **record}  # fmt: skip
+               "machine": machine(), "train_seconds": round(seconds, 1), **record}  # fmt: skip
     info = info.replace(postprocess={**(info.postprocess or {}), **post},
                         training={**info.training, "release": release})  # fmt: skip
-    publish(trained, args.out, model, info)
+    readme = model_readme(args.out.name, info, results, model)
+    publish(trained, args.out, model, info, readme)
     print(f"{args.out}: {release}")
     return 0
 
 
-def publish(trained: Path, out: Path, model, info) -> None:
-    """`out` becomes the trained model with `info`, whole or not at all: written beside it,
-    checked by loading, then renamed over it (checkpoints stay behind)."""
+def model_readme(name: str, info, results: list[dict], model) -> str:
+    """The model's README.md: its recipe, command, data, stored post-processing and how the
+    folds chose it, the cross-validated scores, and the machine and time of its training."""
+    release = info.training["release"]
+    recipe = release["recipe"]
+    dataset = RECIPES[recipe]["dataset"]
+    net = info.net
+    parameters = sum(t.numel() for t in model.parameters())
+    classes = ", ".join(f"{i} = {c}" for i, c in enumerate(info.class_names))
+    files = info.training.get("train_files") or []
+    post = json.dumps(info.postprocess, sort_keys=True)
+    scores = [fold_table(recipe, results)]
+    if dataset == "isbi2012":
+        scores += [grid_table(results, recipe), nested_table(results, recipe)]
+    else:
+        scores.append(family_table(results, recipe))
+    return "\n".join([
+        f"# models/{name}: {DATASETS[dataset]}\n",
+        f"Written by `bench/release.py {recipe} --out models/{name}` on "
+        f"{time.strftime('%Y-%m-%d')}: bench/crossval.py's recipe `{recipe}` trained on every "
+        f"labelled image of ../shared/data/{dataset}, keeping the last step's weights (nothing "
+        "held out, nothing selected).\n",
+        "| | |", "|---|---|",
+        f"| classes | {classes} |",
+        f"| network | depth {net.depth}, base {net.base_channels} channels, {net.padding} "
+        f"padding, {net.in_channels} input channel(s): {parameters / 1e6:.2f} M parameters |",
+        f"| weights | `weights.safetensors`, {info.weights_dtype}: "
+        f"{parameters * (2 if info.weights_dtype == 'float16' else 4) / 1e6:.1f} MB |",
+        f"| normalisation | {info.normalization.method} |",
+        f"| data | {len(files)} images: {', '.join(files)} |",
+        f"| training | {release['steps']} steps, precision {info.training.get('precision')}, "
+        f"{release['train_seconds'] / 60:.0f} min on {release['machine']} |",
+        f"| stored post-processing | `{post}`, applied by a plain `biounet predict` |",
+        f"| how the folds chose it | {RULES[dataset]}: {_choice(release)} |",
+        "\nCommand (recorded in `config.json`; its folders are symlinks to ../shared/data that "
+        "bench/release.py makes):\n",
+        f"```\n{info.training.get('command', '')}\n```\n",
+        "## Cross-validated scores\n",
+        f"{len(results)} of {K} folds (`bench/crossval.py {recipe}`, results in "
+        f"bench/results/cv/{recipe}/): each "
+        "fold trained with this recipe on the other folds' images and scored on its own by "
+        "bench/score_unseen.py's protocol. Reproduce: `bench/crossval.py "
+        f"{recipe}`, then `bench/release.py {recipe} --out models/{name}`.",
+        *[text for text in scores if text],
+        "",
+    ])  # fmt: skip
+
+
+def _choice(release: dict) -> str:
+    chosen = release.get("membranes") or f"{release['family']}, {release['instances']}"
+    means = release["fold_means"]
+    return f"{chosen} (fold means: {', '.join(f'{k} {v}' for k, v in means.items())})"
+
+
+def publish(trained: Path, out: Path, model, info, readme: str) -> None:
+    """`out` becomes the trained model with `info` and `readme`, whole or not at all: written
+    beside it, checked by loading, then renamed over it (checkpoints stay behind)."""
     part = out.with_name(out.name + ".part")
     shutil.rmtree(part, ignore_errors=True)
     part.mkdir(parents=True)
     for f in trained.iterdir():
-        if f.is_file() and f.name not in ("config.json", "weights.safetensors"):
+        if f.is_file() and f.name not in ("config.json", "weights.safetensors", "README.md"):
             shutil.copy2(f, part / f.name)
     save_model(part, model, info)
+    (part / "README.md").write_text(readme)
     load_model(part)  # what is stored passes the load checks
     old = out.with_name(out.name + ".old")
     if out.exists():

@@ -17,7 +17,10 @@ from crossval import (  # noqa: E402
     fit_choices,
     folds,
     instance_grid,
+    machine,
     membrane_grid,
+    nested_membranes,
+    nested_table,
 )
 from score_unseen import membrane_cells, membrane_scores, summarize  # noqa: E402
 
@@ -136,6 +139,32 @@ def test_the_choice_keeps_the_pixel_error_and_lowers_the_rand_error():
     assert stats["a"]["rand_error"][0] == pytest.approx(0.04)
 
 
+def test_each_fold_is_scored_with_the_choice_of_the_other_folds():
+    def fold(k, a, b):
+        keys = ("pixel_error", "rand_error", "vi_merge", "vi_split")
+        grid = {"plain t0.5": (0.07, 0.09, 0, 0), "a": (0.07, a, 0, 0), "b": (0.07, b, 0, 0)}
+        return {"fold": k, "membrane_grid": {n: dict(zip(keys, v, strict=True))
+                                             for n, v in grid.items()}}  # fmt: skip
+
+    folds_ = [fold(0, 0.03, 0.05), fold(1, 0.03, 0.05), fold(2, 0.08, 0.01)]
+    assert choose_membranes(folds_)[0] == "b"  # on all three folds
+    nested = nested_membranes(folds_)
+    assert [n["chosen"] for n in nested] == ["b", "b", "a"]  # each without its own fold
+    assert [n["scores"]["rand_error"] for n in nested] == [0.05, 0.05, 0.08]
+    text = nested_table(folds_, "t")
+    assert "| 2 | a | 0.0700 | 0.0800 | +0.0000 | -0.0100 |" in text
+    assert text.strip().endswith("| -0.0300 +- 0.0173 |")
+    assert nested_membranes(folds_[:1]) == [] and nested_table(folds_[:1], "t") == ""
+
+
+def test_the_machine_is_named_with_its_cpu_class_and_cores():
+    import os
+
+    text = machine()
+    assert text.endswith(f"), {len(os.sched_getaffinity(0))} cores")
+    assert any(f"({c})" in text for c in ("amx", "avx512_bf16", "avx2"))
+
+
 def test_instance_grid_is_the_fit_grid_and_each_family_picks_on_training_scores():
     grid = instance_grid(None)
     assert len(grid) == 20 and {c.gap for c in grid.values()} == {0, 3, 5}
@@ -188,3 +217,41 @@ def test_a_release_stores_what_the_folds_chose():
     assert instance_family([fold(0.70, 0.72), fold(0.80, 0.79)])[0] == "fit with gap"
     assert instance_family([fold(0.70, 0.69), fold(0.80, 0.80)])[0] == "fit without gap"
     assert instance_family([fold(0.70, 0.70)])[0] == "fit without gap"  # a tie: the simpler
+
+
+def test_a_release_readme_states_the_recipe_the_choice_and_the_folds():
+    from biounet.architecture import UNetConfig
+    from biounet.model import UNet
+    from biounet.modeldir import ModelInfo
+    from release import model_readme
+
+    def fold(k, old, new):
+        entries = {"a": {"held_out": {"ap50": 0.9, "mean_ap": old, "ap75": 0.8}},
+                   "b": {"held_out": {"ap50": 0.9, "mean_ap": new, "ap75": 0.8}}}  # fmt: skip
+        return {
+            "fold": k,
+            "overall": {"ap50": 0.9, "mean_ap": old, "ap75": 0.8},
+            "instance_grid": {
+                "entries": entries,
+                "families": {"fit without gap": "a", "fit with gap": "b"},
+            },
+        }
+
+    release = {"recipe": "bbbc-base", "folds": [0, 1], "steps": 1870, "machine": "cpu X, 2 cores",
+               "train_seconds": 1500.0, "family": "fit with gap", "instances": "b",
+               "fold_means": {"fit without gap": 0.75, "fit with gap": 0.765}}  # fmt: skip
+    net = UNetConfig(depth=1, base_channels=2, num_classes=2)
+    info = ModelInfo(net=net, class_names=("background", "nucleus"), weights_dtype="float16",
+                     training={"release": release, "command": "biounet train --steps 1870",
+                               "train_files": ["a.tif", "b.tif"], "precision": "bf16"},
+                     postprocess={"instances": {"gap": 3}})  # fmt: skip
+    text = model_readme("bbbc039", info, [fold(0, 0.70, 0.72), fold(1, 0.80, 0.81)], UNet(net))
+    assert text.startswith("# models/bbbc039: BBBC039 nuclei\n")
+    assert "| classes | 0 = background, 1 = nucleus |" in text
+    assert "| data | 2 images: a.tif, b.tif |" in text
+    assert "| training | 1870 steps, precision bf16, 25 min on cpu X, 2 cores |" in text
+    assert '`{"instances": {"gap": 3}}`, applied by a plain `biounet predict`' in text
+    assert "fit with gap, b (fold means: fit without gap 0.75, fit with gap 0.765)" in text
+    assert "```\nbiounet train --steps 1870\n```" in text
+    assert "2 of 5 folds" in text and "| mean of 2 | 0.9000 +- 0.0000 | 0.7500 +- 0.0707 |" in text
+    assert text.rstrip().endswith("| 0.0150 +- 0.0071 |")  # the family table's paired change
