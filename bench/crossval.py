@@ -182,7 +182,11 @@ def machine() -> str:
              (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
              if line.startswith("model name")]  # fmt: skip
     name = names[0] if names else platform.processor() or platform.machine()
-    return f"{name} ({cpu_class()}), {len(os.sched_getaffinity(0))} cores"
+    return f"{name} ({cpu_class()}), {_cores()} cores"
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 PLAIN = "plain t0.5"  # the plain argmax: the membrane grid's entry for no post-processing

@@ -61,8 +61,8 @@ RULES = {
     "pixel error over the folds is at most the plain argmax's + 0.001, the lowest mean Rand "
     "error (`crossval.choose_membranes`)",
     "bbbc039": "the growth family (`crossval.FAMILIES`) whose fit scored the higher mean "
-    "held-out mean AP over the folds; within it, the entry best on the 20 training images "
-    "the fit of `biounet train` sees",
+    "held-out mean AP over the folds; within it, the entry best on the (up to 20) training "
+    "images the fit of `biounet train` sees",
 }
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -156,17 +156,20 @@ def main(argv: list[str] | None = None) -> int:
                "machine": machine(), "train_seconds": round(seconds, 1), **record}  # fmt: skip
     info = info.replace(postprocess={**(info.postprocess or {}), **post},
                         training={**info.training, "release": release})  # fmt: skip
-    readme = model_readme(args.out.name, info, results, model)
+    readme = model_readme(args.out, info, results, model)
     publish(trained, args.out, model, info, readme)
     print(f"{args.out}: {release}")
     return 0
 
 
-def model_readme(name: str, info, results: list[dict], model) -> str:
+def model_readme(out: Path, info, results: list[dict], model) -> str:
     """The model's README.md: its recipe, command, data, stored post-processing and how the
     folds chose it, the cross-validated scores, and the machine and time of its training."""
+    from biounet.modeldir import WEIGHT_DTYPES
+
     release = info.training["release"]
     recipe = release["recipe"]
+    name = out.name
     dataset = RECIPES[recipe]["dataset"]
     net = info.net
     parameters = sum(t.numel() for t in model.parameters())
@@ -180,16 +183,16 @@ def model_readme(name: str, info, results: list[dict], model) -> str:
         scores.append(family_table(results, recipe))
     return "\n".join([
         f"# models/{name}: {DATASETS[dataset]}\n",
-        f"Written by `bench/release.py {recipe} --out models/{name}` on "
+        f"Written by `bench/release.py {recipe} --out {out}` on "
         f"{time.strftime('%Y-%m-%d')}: bench/crossval.py's recipe `{recipe}` trained on every "
-        f"labelled image of ../shared/data/{dataset}, keeping the last step's weights (nothing "
-        "held out, nothing selected).\n",
+        f"labelled image of ../shared/data/{dataset}, keeping the last step's weights (no image "
+        "held out, no checkpoint selected).\n",
         "| | |", "|---|---|",
         f"| classes | {classes} |",
         f"| network | depth {net.depth}, base {net.base_channels} channels, {net.padding} "
         f"padding, {net.in_channels} input channel(s): {parameters / 1e6:.2f} M parameters |",
         f"| weights | `weights.safetensors`, {info.weights_dtype}: "
-        f"{parameters * (2 if info.weights_dtype == 'float16' else 4) / 1e6:.1f} MB |",
+        f"{parameters * WEIGHT_DTYPES[info.weights_dtype].itemsize / 1e6:.1f} MB |",
         f"| normalisation | {info.normalization.method} |",
         f"| data | {len(files)} images: {', '.join(files)} |",
         f"| training | {release['steps']} steps, precision {info.training.get('precision')}, "
@@ -204,7 +207,7 @@ def model_readme(name: str, info, results: list[dict], model) -> str:
         f"bench/results/cv/{recipe}/): each "
         "fold trained with this recipe on the other folds' images and scored on its own by "
         "bench/score_unseen.py's protocol. Reproduce: `bench/crossval.py "
-        f"{recipe}`, then `bench/release.py {recipe} --out models/{name}`.",
+        f"{recipe}`, then `bench/release.py {recipe} --out {out}`.",
         *[text for text in scores if text],
         "",
     ])  # fmt: skip

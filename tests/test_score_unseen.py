@@ -245,7 +245,9 @@ def test_a_release_readme_states_the_recipe_the_choice_and_the_folds():
                      training={"release": release, "command": "biounet train --steps 1870",
                                "train_files": ["a.tif", "b.tif"], "precision": "bf16"},
                      postprocess={"instances": {"gap": 3}})  # fmt: skip
-    text = model_readme("bbbc039", info, [fold(0, 0.70, 0.72), fold(1, 0.80, 0.81)], UNet(net))
+    text = model_readme(
+        Path("models/bbbc039"), info, [fold(0, 0.70, 0.72), fold(1, 0.80, 0.81)], UNet(net)
+    )
     assert text.startswith("# models/bbbc039: BBBC039 nuclei\n")
     assert "| classes | 0 = background, 1 = nucleus |" in text
     assert "| data | 2 images: a.tif, b.tif |" in text
