@@ -331,8 +331,8 @@ def _mean_sd(values: list[float]) -> str:
 
 def table(recipes: list[str]) -> str:
     """Markdown: per recipe, each finished fold's overall scores, then mean +- sd over folds."""
-    return "\n".join(fold_table(recipe, fold_results(recipe)) for recipe in recipes
-                     if fold_results(recipe))  # fmt: skip
+    found = {recipe: fold_results(recipe) for recipe in recipes}
+    return "\n".join(fold_table(recipe, results) for recipe, results in found.items() if results)
 
 
 def fold_table(recipe: str, results: list[dict]) -> str:
@@ -398,10 +398,10 @@ def nested_membranes(results: list[dict]) -> list[dict]:
     scores and the plain argmax's on this fold: what the choice gives on slices it did not
     see (the chosen entry's mean over all folds flatters it, having been picked on them)."""
     results = [r for r in results if "membrane_grid" in r]
+    if len(results) < 2:
+        return []
     nested = []
     for i, r in enumerate(results):
-        if len(results) < 2:
-            break
         name, _ = choose_membranes(results[:i] + results[i + 1 :])
         nested.append({"fold": r["fold"], "chosen": name, "scores": r["membrane_grid"][name],
                        "plain": r["membrane_grid"][PLAIN]})  # fmt: skip
