@@ -85,3 +85,22 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "isbi2012").is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (../shared/data beside the checkout)")
     return SHARED_DATA
+
+
+def concurrent_matches_alone(model) -> bool:
+    """Whether four predictions run at once in threads equal each run alone, bit for bit."""
+    import threading
+
+    images = [np.random.default_rng(k).random((150 + 8 * k, 170)) for k in range(4)]
+    alone = [model.predict(im, "prob") for im in images]
+    results = [None] * len(images)
+
+    def run(k):
+        results[k] = model.predict(images[k], "prob")
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(images))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return all(np.array_equal(a, b) for a, b in zip(alone, results, strict=True))

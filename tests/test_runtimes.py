@@ -21,9 +21,12 @@ from biounet.inference import Engine
 from biounet.model import UNet
 from biounet.modeldir import ModelInfo, save_model
 
+from .conftest import concurrent_matches_alone
+
 pytestmark = pytest.mark.runtimes
 CPU = torch.device("cpu")
 RUNTIMES = [e for e in ("openvino", "onnxruntime") if e in rt.installed()]
+NNPACK = ["nnpack"] if "nnpack" in rt.installed() else []  # in PyTorch's x86 and ARM builds
 needs_runtimes = pytest.mark.skipif(
     len(RUNTIMES) < 2, reason="needs biounet[openvino] and biounet[onnxruntime] (make test)"
 )
@@ -57,6 +60,16 @@ def test_auto_follows_the_table(cpu):
     assert rt.choose("auto", "fp32", CPU) == ("onnxruntime", "fp32")
     cpu("amx", ("torch", "onnxruntime"))  # no fast bf16 engine but torch
     assert rt.choose("auto", "auto", CPU) == ("torch", "bf16")
+    cpu("avx2", ("torch", "nnpack", "openvino", "onnxruntime"))
+    assert rt.choose("auto", "auto", CPU) == ("nnpack", "fp32")
+    paper, shipped = UNetConfig(base_channels=64), UNetConfig(base_channels=32)
+    assert rt.choose("auto", "auto", CPU, paper) == ("nnpack", "fp32")
+    assert rt.choose("auto", "auto", CPU, shipped) == ("openvino", "fp32")  # too narrow
+    assert rt.choose("nnpack", "auto", CPU, shipped) == ("nnpack", "fp32")  # asked for
+    cpu("avx2", ("torch", "nnpack"))
+    assert rt.choose("auto", "auto", CPU, shipped) == ("torch", "fp32")
+    cpu("avx512_bf16", ("torch", "nnpack", "openvino", "onnxruntime"))  # not measured there
+    assert rt.choose("auto", "fp32", CPU) == ("openvino", "fp32")
     cpu("avx2", both)
     assert rt.choose("auto", "auto", CPU) == ("openvino", "fp32")
     cpu("avx2", ("torch", "onnxruntime"))
@@ -65,6 +78,37 @@ def test_auto_follows_the_table(cpu):
     assert rt.choose("auto", "auto", CPU) == ("torch", "fp32")
     cpu("avx512_bf16", both)
     assert rt.choose("auto", "fp32", torch.device("cuda")) == ("torch", "fp32")  # GPUs: torch
+
+
+def test_cpu_classes_by_capability(monkeypatch):
+    monkeypatch.setattr(rt, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    for capability, cls in [("AVX2", "avx2"), ("AVX512", "avx512"), ("DEFAULT", "other"),
+                            ("SVE256", "other")]:  # fmt: skip
+        monkeypatch.setattr(rt, "cpu_capability", lambda c=capability: c)
+        assert rt.cpu_class() == cls
+        assert ("nnpack" in rt.FASTEST[(cls, "fp32")]) == (cls == "avx2")  # measured there only
+
+
+def test_auto_engine_weighs_the_width_and_falls_back(cpu, monkeypatch, caplog):
+    """An Engine asks `choose` with its network: nnpack for wide networks, not narrow ones;
+    where nnpack fails its check under auto, the next engine runs and says so."""
+    cpu("avx2", ("torch", "nnpack"))
+    narrow = UNet(UNetConfig(depth=1, base_channels=8))
+    assert Engine(narrow, CPU, "auto", engine="auto").runtime == "torch"
+
+    def broken(net):
+        raise BiounetError("engine nnpack: this PyTorch's NNPACK gives results that differ")
+
+    monkeypatch.setattr("biounet.inference.winograd_forward", broken)
+    wide = UNet(UNetConfig(depth=1, base_channels=48))
+    engine = Engine(wide, CPU, "auto", engine="auto")
+    assert engine.runtime == "torch" and engine.describe() == "engine torch, fp32, cpu"
+    assert any("predicting with the next engine" in r.getMessage() for r in caplog.records)
+    with pytest.raises(BiounetError, match="differ"):
+        Engine(wide, CPU, "auto", engine="nnpack")
+    monkeypatch.setattr("biounet.inference.winograd_forward", lambda net: lambda x: x)
+    assert Engine(wide, CPU, "auto", engine="auto").runtime == "nnpack"
 
 
 def test_engines_refuse_what_they_cannot_run(cpu):
@@ -81,12 +125,21 @@ def test_engines_refuse_what_they_cannot_run(cpu):
         rt.choose("openvino", "bf16", CPU)
     with pytest.raises(BiounetError, match=r"pip install 'biounet\[onnxruntime\]'"):
         rt.choose("onnxruntime", "auto", CPU)
+    with pytest.raises(BiounetError, match="engine nnpack needs a PyTorch build with NNPACK"):
+        rt.choose("nnpack", "auto", CPU)
+    cpu("avx512_bf16", ("torch", "nnpack"))
+    assert rt.choose("nnpack", "auto", CPU) == ("nnpack", "fp32")  # auto: its one precision
+    with pytest.raises(BiounetError, match="nnpack runs fp32 on the CPU, not bf16"):
+        rt.choose("nnpack", "bf16", CPU)
+    with pytest.raises(BiounetError, match="engine nnpack runs on the CPU"):
+        rt.choose("nnpack", "fp32", torch.device("cuda"))
 
 
-@needs_runtimes
-@pytest.mark.parametrize("engine", ["openvino", "onnxruntime"])
+@pytest.mark.parametrize("engine", ["nnpack", "openvino", "onnxruntime"])
 def test_each_engine_equals_torch_fp32(engine, tmp_path):
     """Tiled logits of odd-sized images, at fp32: within the export tolerance of torch."""
+    if engine not in RUNTIMES + NNPACK:
+        pytest.skip(f"engine {engine} is not installed (make test installs every engine)")
     net = _net(1, in_channels=2, num_classes=3)
     image = np.random.default_rng(0).random((2, 157, 203), dtype=np.float32)
     want = Engine(net, CPU, "fp32").logits(image)
@@ -209,20 +262,7 @@ def test_concurrent_predictions_agree(tmp_path):
     net = _net(7)
     save_model(tmp_path / "m", net, ModelInfo(net.config, ("background", "cell")))
     model = biounet.load(tmp_path / "m", engine="openvino", precision="fp32", cache=tmp_path)
-    images = [np.random.default_rng(k).random((150 + 8 * k, 170)) for k in range(4)]
-    alone = [model.predict(im, "prob") for im in images]
-    results = [None] * len(images)
-
-    def run(k):
-        results[k] = model.predict(images[k], "prob")
-
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(images))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for a, b in zip(alone, results, strict=True):
-        assert np.array_equal(a, b)
+    assert concurrent_matches_alone(model)
     assert model.engine == "openvino" and "engine='openvino'" in repr(model)
 
 
@@ -234,7 +274,8 @@ def test_cli_engine_flag_and_what_the_file_says(tmp_path, monkeypatch, capsys):
     tifffile.imwrite(tmp_path / "a.tif", image)
     monkeypatch.setenv("BIOUNET_CACHE", str(tmp_path / "cache"))
     masks = {}
-    for engine in ("torch", "openvino", "onnxruntime"):
+    engines = ("torch", *NNPACK, "openvino", "onnxruntime")
+    for engine in engines:
         out = tmp_path / engine
         args = ["predict", str(tmp_path / "m"), str(tmp_path / "a.tif"), "--out", str(out)]
         assert main([*args, "--engine", engine, "--precision", "fp32"]) == 0
@@ -242,7 +283,7 @@ def test_cli_engine_flag_and_what_the_file_says(tmp_path, monkeypatch, capsys):
             assert f"engine {engine}, fp32, cpu" in tif.pages[0].tags["Software"].value
             masks[engine] = tif.asarray()
     assert {p.name for p in (tmp_path / "cache").iterdir()} == {"openvino", "onnxruntime"}
-    for engine in ("openvino", "onnxruntime"):
+    for engine in engines[1:]:
         assert (masks[engine] == masks["torch"]).mean() >= 0.999
     monkeypatch.setenv("BIOUNET_ENGINE", "fastest")
     capsys.readouterr()
@@ -251,7 +292,7 @@ def test_cli_engine_flag_and_what_the_file_says(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         "biounet: error: $BIOUNET_ENGINE='fastest' is not an engine: set it to one of auto, "
-        "torch, openvino, onnxruntime, or unset it"
+        "torch, nnpack, openvino, onnxruntime, or unset it"
     ]
     assert not (tmp_path / "x").exists()
 
@@ -266,7 +307,7 @@ def _engines_auto_may_pick() -> list[tuple[str, str]]:
     return sorted(
         (e, p)
         for e, p in pairs
-        if e in RUNTIMES and p in rt.PRECISIONS[e] and (p == "fp32" or fast_bf16)
+        if e in RUNTIMES + NNPACK and p in rt.PRECISIONS[e] and (p == "fp32" or fast_bf16)
     )
 
 

@@ -61,10 +61,11 @@ def load(
         "auto": CUDA where torch sees a GPU, else the CPU.
     precision : {"auto", "fp32", "bf16", "fp16"}
         "auto": bf16 on CPUs with fast bf16 and on GPUs, fp32 elsewhere.
-    engine : {"auto", "torch", "openvino", "onnxruntime"}
+    engine : {"auto", "torch", "nnpack", "openvino", "onnxruntime"}
         What runs the network. "auto": the fastest installed one for the device, the CPU
-        class and the precision (OpenVINO on most CPUs, when ``biounet[openvino]`` is
-        installed; torch on GPUs and where no runtime is installed).
+        class and the precision (nnpack, PyTorch's own Winograd convolutions, on AVX2 CPUs
+        for networks of 48 base channels or more; else OpenVINO, when ``biounet[openvino]``
+        is installed; torch on GPUs and where nothing faster is there).
     cache : str or Path, optional
         Where OpenVINO and ONNX Runtime keep the converted network (default
         ``~/.cache/biounet``); converted on the first prediction, loaded from there after.

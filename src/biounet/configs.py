@@ -296,7 +296,7 @@ class Tiling:
 
 
 OUTPUTS = ("mask", "prob", "instances")
-ENGINES = ("auto", "torch", "openvino", "onnxruntime")  # biounet.runtimes
+ENGINES = ("auto", "torch", "nnpack", "openvino", "onnxruntime")  # biounet.runtimes
 
 
 @dataclass(frozen=True)
@@ -336,9 +336,9 @@ class PredictConfig:
     blockwise : bool
         Predict every input block by block into a zarr output (``STEM.zarr``), as zarr
         inputs always are (`biounet.predict_zarr`): what a cluster run does.
-    engine : {"auto", "torch", "openvino", "onnxruntime"}
+    engine : {"auto", "torch", "nnpack", "openvino", "onnxruntime"}
         What runs the network (`biounet.runtimes.choose`): "auto" the fastest installed one
-        for the device, CPU class and precision.
+        for the device, CPU class, precision and network width.
     cache : str, optional
         Folder for the runtimes' converted graphs (default ``~/.cache/biounet``).
     """

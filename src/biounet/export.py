@@ -137,15 +137,18 @@ def to_onnx(net: UNet, path: Path) -> int:
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def check_exported(net: UNet, run, what: str, sizes: list[int] | None = None) -> float:
+def check_exported(
+    net: UNet, run, what: str, sizes: list[int] | None = None, batch: int = 2
+) -> float:
     """Largest |difference| of `run`'s logits from `net`'s at `sizes` (non-square inputs,
-    batches of two); raises `BiounetError` past `TOLERANCE`, relative to the logits' range."""
+    batches of `batch`); raises `BiounetError` past `TOLERANCE`, relative to the logits'
+    range."""
     config: UNetConfig = net.config
     sizes = sizes or check_sizes(config)
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
     for h, w in zip(sizes, sizes[1:] + sizes[:1], strict=True):
-        x = torch.rand(2, config.in_channels, h, w, generator=generator)
+        x = torch.rand(batch, config.in_channels, h, w, generator=generator)
         with torch.inference_mode():
             want = net(x).numpy()
         got = np.asarray(run(x.numpy()))

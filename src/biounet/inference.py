@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +19,20 @@ import torch
 
 from biounet.architecture import UNetConfig
 from biounet.configs import Tiling
+from biounet.errors import BiounetError
 from biounet.model import UNet
 from biounet.normalize import NormalizeConfig, normalize
-from biounet.precision import default_device
+from biounet.precision import default_device, memory_format
 from biounet.runtimes import choose, runtime_forward
 from biounet.tiling import (
+    Forward,
     TilePlan,
     model_forward,
     plan_for,
     predict_tiled,
     tile_outputs,
 )
+from biounet.winograd import overhead_bytes, winograd_forward
 
 Progress = Callable[[int, int], None]
 log = logging.getLogger(__name__)
@@ -40,6 +44,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     np.exp(logits, out=logits)
     logits /= logits.sum(axis=0, keepdims=True)
     return logits
+
+
+def engine_plan(
+    net: UNetConfig, shape: tuple[int, int], tiling: Tiling, precision: str, runtime: str
+) -> TilePlan:
+    """`plan_for` as `runtime` runs it: the automatic tile's memory budget leaves room for
+    what the engine holds beyond the feature maps (nnpack: its weights and workspace)."""
+    if runtime == "nnpack" and tiling.tile is None:
+        held = overhead_bytes(net) / 2**20
+        tiling = replace(tiling, memory_mb=max(tiling.memory_mb - held, 1.0))
+    return plan_for(net, shape, tiling, precision)
 
 
 class Engine:
@@ -55,12 +70,16 @@ class Engine:
     precision : {"auto", "fp32", "bf16", "fp16"}
     net : UNetConfig, optional
         The architecture, for the tile arithmetic (default: ``model.config``).
-    engine : {"torch", "auto", "openvino", "onnxruntime"}
+    engine : {"torch", "auto", "nnpack", "openvino", "onnxruntime"}
         What runs the network (`biounet.runtimes.choose`); default torch, the one engine for
         networks that change (validation during training). The runtimes convert a copy of
         the network on the first forward pass, or load it from `cache`.
     cache : path, optional
         The runtimes' cache folder (default `biounet.runtimes.default_cache`).
+    training : bool
+        `model` is a network in training (validation): torch runs it in its training layout
+        (`biounet.precision.memory_format`) rather than the inference layout, so that
+        validating leaves its training unchanged.
     """
 
     def __init__(
@@ -71,12 +90,16 @@ class Engine:
         net: UNetConfig | None = None,
         engine: str = "torch",
         cache: str | Path | None = None,
+        training: bool = False,
     ) -> None:
         self.device = device or default_device()
-        self.runtime, self.precision = choose(engine, precision, self.device)
         self.net: UNetConfig = net or model.config
+        self.runtime, self.precision = choose(engine, precision, self.device, model.config)
         if self.runtime == "torch":
-            self.forward = model_forward(model.to(self.device), self.precision, self.device)
+            fmt = memory_format(self.precision) if training else None
+            self.forward = model_forward(model.to(self.device), self.precision, self.device, fmt)
+        elif self.runtime == "nnpack":
+            self.forward = self._nnpack(model, engine, cache)
         else:
             self.forward = runtime_forward(self.runtime, model, self.precision, cache)
         if engine != "torch":  # chosen for the user: say what
@@ -86,8 +109,21 @@ class Engine:
         """What computes, for logs and files' metadata, e.g. "engine openvino, bf16, cpu"."""
         return f"engine {self.runtime}, {self.precision}, {self.device}"
 
+    def _nnpack(self, model: UNet, engine: str, cache: str | Path | None) -> Forward:
+        """nnpack's forward; where `auto` chose it and it fails its check, the next engine."""
+        try:
+            return winograd_forward(model)
+        except BiounetError as e:
+            if engine != "auto":
+                raise
+            log.warning("%s; predicting with the next engine", e)
+        self.runtime, _ = choose("auto", self.precision, self.device, skip=("nnpack",))
+        if self.runtime == "torch":
+            return model_forward(model.to(self.device), self.precision, self.device)
+        return runtime_forward(self.runtime, model, self.precision, cache)
+
     def plan(self, shape: tuple[int, int], tiling: Tiling) -> TilePlan:
-        return plan_for(self.net, shape, tiling, self.precision)
+        return engine_plan(self.net, shape, tiling, self.precision, self.runtime)
 
     def logits(
         self,

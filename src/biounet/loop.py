@@ -471,7 +471,7 @@ def validate(
     """Whole-image validation with overlap-tile prediction: loss (the training loss), pixel
     accuracy, and the mean Dice of the foreground classes (all but class 0), pooled over the
     images."""
-    engine = Engine(model, device, precision)
+    engine = Engine(model, device, precision, training=True)
     losses, correct, total = [], 0, 0
     inter = np.zeros(info.net.num_classes)
     sums = np.zeros(info.net.num_classes)

@@ -404,7 +404,7 @@ def instance_config(info: ModelInfo) -> InstanceConfig:
 
 def _check_tile_memory(info: ModelInfo, config: PredictConfig, image_shape, device) -> None:
     """Refuse, before any work, an explicit tile whose batch cannot fit in memory."""
-    _, precision = choose(config.engine, config.precision, device)
+    _, precision = choose(config.engine, config.precision, device, info.net)
     shape = plan_for(info.net, image_shape, config.tiling, precision).tile_shape
     need = tile_memory(info.net, shape, config.batch_size, bytes_per_value(precision))
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()

@@ -2,9 +2,11 @@
 
 Why: a U-Net's forward pass is a fixed graph of convolutions, and on CPUs the runtimes built
 for fixed graphs run it faster than torch eager (docs/benchmarks.md, "Engines"): OpenVINO in
-bf16 on CPUs with AVX512-BF16 or AMX, OpenVINO or ONNX Runtime in fp32 elsewhere. On CUDA
-devices torch is the engine. Both runtimes are optional extras (``biounet[openvino]``,
-``biounet[onnxruntime]``); without them every engine choice ends at torch.
+bf16 on CPUs with AVX512-BF16 or AMX, OpenVINO or ONNX Runtime in fp32 elsewhere. On CPUs
+without fast bf16, NNPACK's Winograd convolutions (`biounet.winograd`, engine "nnpack", part
+of PyTorch's CPU builds) beat both (docs/benchmarks.md, "AVX2"). On CUDA devices torch is the
+engine. Both runtimes are optional extras (``biounet[openvino]``, ``biounet[onnxruntime]``);
+without them every engine choice ends at nnpack or torch.
 
 A runtime gets the network once: a float32 copy is converted (OpenVINO: `ov.convert_model`
 from the torch module; ONNX Runtime: `biounet.export.to_onnx`), checked against torch before
@@ -38,10 +40,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from biounet.architecture import UNetConfig
 from biounet.configs import ENGINES
 from biounet.durable import ensure_dir, remove_leftovers, temp_prefix
 from biounet.errors import BiounetError
-from biounet.precision import cpu_has_fast_bf16, resolve_precision
+from biounet.precision import cpu_capability, cpu_has_fast_bf16, resolve_precision
 
 log = logging.getLogger(__name__)
 Forward = Callable[[np.ndarray], np.ndarray]
@@ -49,8 +52,8 @@ Forward = Callable[[np.ndarray], np.ndarray]
 # What each runtime needs (its extra). ONNX Runtime runs the ONNX export, which torch's
 # exporter writes with onnx and onnxscript.
 PACKAGES = {"openvino": ("openvino",), "onnxruntime": ("onnxruntime", "onnx", "onnxscript")}
-PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "openvino": ("fp32", "bf16"),
-              "onnxruntime": ("fp32",)}  # fmt: skip
+PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "nnpack": ("fp32",),
+              "openvino": ("fp32", "bf16"), "onnxruntime": ("fp32",)}  # fmt: skip
 # Fastest first, per CPU class and resolved precision: measured with `bench/engines.py`
 # (docs/benchmarks.md, "Engines", where the figures and the machines are). Not listed: torch.
 FASTEST = {
@@ -58,42 +61,67 @@ FASTEST = {
     ("amx", "fp32"): ("onnxruntime", "openvino", "torch"),
     ("avx512_bf16", "bf16"): ("openvino", "torch"),
     ("avx512_bf16", "fp32"): ("openvino", "onnxruntime", "torch"),
-    ("avx2", "fp32"): ("openvino", "onnxruntime", "torch"),
+    ("avx2", "fp32"): ("nnpack", "openvino", "onnxruntime", "torch"),
+    # not measured: the runtimes, as on the measured classes without nnpack (NNPACK has no
+    # AVX-512 kernels, where oneDNN has)
+    ("avx512", "fp32"): ("openvino", "onnxruntime", "torch"),
+    ("other", "fp32"): ("openvino", "onnxruntime", "torch"),
 }
+# Winograd's transforms cost per channel, its savings per pair of channels: on the AVX2 CPU
+# measured, nnpack ran the paper's network (base 64) 1.35x faster than OpenVINO fp32 and a
+# base-48 one 1.09x, but a base-32 one (the shipped models) 1.2x slower, with more memory.
+NNPACK_MIN_CHANNELS = 48
 # Converted graphs of the same network, by runtime: bump to re-convert after a change here.
 CONVERSION = 2  # 2: entries sealed with their files' checksums
 
 
 def cpu_class() -> str:
-    """This CPU's class for `FASTEST`: "amx" (Intel AMX tiles), "avx512_bf16" (AVX512-BF16
-    without AMX) or "avx2" (no fast bf16: AVX2, or AVX-512 without BF16), by PyTorch's own
-    CPU probes."""
+    """This CPU's class for `FASTEST`, by PyTorch's own CPU probes: "amx" (Intel AMX tiles),
+    "avx512_bf16" (AVX512-BF16 without AMX), "avx512" (AVX-512 without BF16), "avx2" (AVX2,
+    no AVX-512) or "other" (older x86, ARM)."""
     if bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()):
         return "amx"
     if cpu_has_fast_bf16():
         return "avx512_bf16"
-    return "avx2"
+    capability = cpu_capability()
+    return {"AVX2": "avx2", "AVX512": "avx512"}.get(capability, "other")
 
 
 def installed() -> tuple[str, ...]:
-    """The engines this environment can run: torch, then the runtimes whose extra is there."""
-    return ("torch", *(name for name, mods in PACKAGES.items() if all(map(_importable, mods))))
+    """The engines this environment can run: torch, nnpack where this torch has NNPACK for
+    this CPU, then the runtimes whose extra is there."""
+    from biounet.winograd import available
+
+    nnpack = ("nnpack",) if available() else ()
+    runtimes = (name for name, mods in PACKAGES.items() if all(map(_importable, mods)))
+    return ("torch", *nnpack, *runtimes)
 
 
 def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def choose(engine: str, precision: str, device: torch.device) -> tuple[str, str]:
+def choose(
+    engine: str,
+    precision: str,
+    device: torch.device,
+    net: UNetConfig | None = None,
+    skip: tuple[str, ...] = (),
+) -> tuple[str, str]:
     """The engine and resolved precision a prediction runs with.
 
     Parameters
     ----------
-    engine : {"auto", "torch", "openvino", "onnxruntime"}
+    engine : {"auto", "torch", "nnpack", "openvino", "onnxruntime"}
         "auto": the fastest installed engine for `device`, this CPU class and the precision
         (`FASTEST`); torch on CUDA and where no runtime is installed.
     precision : {"auto", "fp32", "bf16", "fp16"}
-        "auto": bf16 where the device has fast bf16, else fp32 (ONNX Runtime: fp32).
+        "auto": bf16 where the device has fast bf16, else fp32 (nnpack, ONNX Runtime: fp32).
+    net : UNetConfig, optional
+        The network: "auto" passes over nnpack for networks narrower than
+        `NNPACK_MIN_CHANNELS` (default: the paper's width).
+    skip : tuple of str
+        Engines "auto" passes over (one that failed).
 
     Raises
     ------
@@ -108,18 +136,25 @@ def choose(engine: str, precision: str, device: torch.device) -> tuple[str, str]
             return "torch", resolved
         ready = installed()
         ranked = FASTEST.get((cpu_class(), resolved), ("torch",))
+        if net is not None and net.base_channels < NNPACK_MIN_CHANNELS:
+            skip = (*skip, "nnpack")
+        ready = tuple(e for e in ready if e not in skip)
         return next(e for e in (*ranked, "torch") if e in ready), resolved
     if engine == "torch":
         return engine, resolve_precision(precision, device)
     if device.type != "cpu":
         raise BiounetError(f"engine {engine} runs on the CPU: use device cpu or engine torch")
     if engine not in installed():
+        if engine == "nnpack":
+            from biounet.winograd import UNAVAILABLE
+
+            raise BiounetError(UNAVAILABLE)
         missing = [m for m in PACKAGES[engine] if not _importable(m)]
         raise BiounetError(
             f"engine {engine} needs {', '.join(missing)}: pip install 'biounet[{engine}]', "
             "or use engine auto or torch"
         )
-    if engine == "onnxruntime" and precision == "auto":
+    if PRECISIONS[engine] == ("fp32",) and precision == "auto":
         return engine, "fp32"
     resolved = resolve_precision(precision, device)
     if resolved not in PRECISIONS[engine]:

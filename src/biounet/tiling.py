@@ -38,7 +38,7 @@ from biounet.configs import DEFAULT_MEMORY_MB, Tiling
 from biounet.errors import BiounetError
 from biounet.mirror import mirror_crop
 from biounet.model import UNet
-from biounet.precision import autocast, bytes_per_value, memory_format
+from biounet.precision import autocast, bytes_per_value, inference_format
 from biounet.tta import average_views, bounding_box, view_windows
 
 # Allocator slack and oneDNN's reordered copies over the live feature maps counted by
@@ -251,18 +251,24 @@ Forward = Callable[[np.ndarray], np.ndarray]
 
 
 def model_forward(
-    model: UNet, precision: str = "fp32", device: torch.device | None = None
+    model: UNet,
+    precision: str = "fp32",
+    device: torch.device | None = None,
+    fmt: torch.memory_format | None = None,
 ) -> Forward:
     """Wrap `model` as a numpy batch function ``(B, C, h, w) float32 -> (B, K, h', w') float32``.
 
     `precision` must already be resolved ("fp32", "bf16" or "fp16"); see `biounet.precision`.
+    `model` is put in eval mode and in the layout `fmt` (default: `inference_format`; a
+    network in training is validated in its training layout, `memory_format`, so that
+    validating does not change its training).
     """
     device = device or next(model.parameters()).device
     if device.type == "cuda" and device.index is None:
         # the caller's current GPU: the tile loop calls `forward` from a thread of its own,
         # whose current device is GPU 0
         device = torch.device("cuda", torch.cuda.current_device())
-    fmt = memory_format(precision)
+    fmt = fmt or inference_format(precision, device)
     model = model.eval().to(memory_format=fmt)
 
     def forward(batch: np.ndarray) -> np.ndarray:
