@@ -64,6 +64,31 @@ def use_final_weights(model_dir: Path) -> None:
     save_model(model_dir, model, info)
 
 
+def matmul_rates(n: int = 4096, repeat: int = 5) -> dict[str, float]:
+    """FLOP/s of an n^3 `torch.mm`, by precision: fp32, and bf16 where the CPU has fast bf16.
+
+    Without AVX512-BF16 or AMX, bf16 products are emulated at ~1 GFLOP/s (an AVX2 AMD EPYC:
+    one 4096^3 product took over 2 minutes), so no bf16 limit is measured there: nothing
+    runs bf16 on such a CPU by default.
+    """
+    import torch
+
+    from biounet.precision import cpu_has_fast_bf16
+
+    rates = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if name == "bf16" and not cpu_has_fast_bf16():
+            continue
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        rates[name] = 2 * n**3 / median_time(lambda a=a, b=b: torch.mm(a, b), repeat, True)
+    return rates
+
+
+def format_rates(rates: dict[str, float]) -> str:
+    """The rates as "bf16 0.84, fp32 0.21 TFLOP/s" (the precisions measured)."""
+    return ", ".join(f"{k} {v / 1e12:.2f}" for k, v in sorted(rates.items())) + " TFLOP/s"
+
+
 def median_time(fn, repeat: int, warmup: bool = False) -> float:
     """Median wall seconds of `repeat` calls of `fn` (after one uncounted call if `warmup`)."""
     if warmup:

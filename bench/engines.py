@@ -1,22 +1,28 @@
 """Every inference engine on this machine, forward only, and what each does to the results.
 
-(1) Speed: one forward pass of the paper's network (depth 4, base 64, random He weights) over
+(1) Speed: one forward pass of the paper's network (depth 4, base 64 or --base, random He
+    weights; the shipped models have base 32) over
     the tile `biounet predict` picks at each precision (`plan_tiles` for a 3072 x 3072 image),
-    for every installed engine that runs that precision; median of --repeat runs after a
-    warm-up (the runtimes convert and compile first; that is not timed), as a fraction of the
-    tile's compute limit (its FLOPs over the matrix-product rate measured in this run). This
-    is what `biounet.runtimes.FASTEST` is read from.
+    for every installed engine that runs that precision; the engines take turns, --repeat
+    rounds after a warm-up each (the runtimes convert and compile first; that is not timed),
+    median per engine, as a fraction of the tile's compute limit (its FLOPs over the
+    matrix-product rate measured in this run). Where biounet's torch runs another layout
+    than plain PyTorch (fp32 on CPUs without fast bf16: channels-last), "torch eager" is
+    the peer in the default layout. This is what `biounet.runtimes.FASTEST` is read from.
 (2) With --accuracy, the shipped models on the real data, each engine against torch fp32: the
     share of equal mask pixels on the 30 ISBI 2012 test slices (lowest slice and mean), and
     the instance AP@0.5 and mean AP over 0.5:0.95 on every third BBBC039 image.
 
-Usage:  .venv/bin/python bench/engines.py [--repeat 3] [--accuracy] [--data ../shared/data]
+Usage:  .venv/bin/python bench/engines.py [--repeat 3] [--base 64] [--accuracy]
+            [--data ../shared/data]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -24,46 +30,52 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import median_time
+from _common import format_rates, matmul_rates, median_time
 from biounet.architecture import UNetConfig
 from biounet.inference import Engine
 from biounet.model import UNet
-from biounet.precision import bytes_per_value
+from biounet.precision import bytes_per_value, inference_format
 from biounet.runtimes import PRECISIONS, cpu_class, cpu_has_fast_bf16, installed
-from biounet.tiling import plan_tiles
+from biounet.tiling import model_forward, plan_tiles
 
 CPU = torch.device("cpu")
 
 
-def matmul_rate(dtype: torch.dtype, n: int = 4096) -> float:
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    return 2 * n**3 / median_time(lambda: torch.mm(a, b), 5, warmup=True)
-
-
-def speed(repeat: int) -> None:
-    net = UNetConfig(depth=4, base_channels=64)
+def speed(repeat: int, base: int = 64) -> None:
+    net = UNetConfig(depth=4, base_channels=base)
     torch.manual_seed(0)
     model = UNet(net).eval()
     precisions = ["fp32", "bf16"] if cpu_has_fast_bf16() else ["fp32"]
-    rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
-    print(f"matrix product 4096^3: bf16 {rates['bf16'] / 1e12:.2f}, fp32 "
-          f"{rates['fp32'] / 1e12:.2f} TFLOP/s")  # fmt: skip
+    rates = matmul_rates()
+    print(f"matrix product 4096^3: {format_rates(rates)}; CPU class {cpu_class()}", flush=True)
     with tempfile.TemporaryDirectory() as cache:
         for precision in precisions:
             plan = plan_tiles(net, (3072, 3072), bytes_per_value=bytes_per_value(precision))
             side = plan.y.tile_in
             x = np.random.default_rng(0).standard_normal((1, 1, side, side)).astype(np.float32)
             limit = net.forward_flops(side, side) / rates[precision]
-            times = {}
+            runs = {}
             for engine in installed():
-                if precision not in PRECISIONS[engine]:
-                    continue
-                run = Engine(model, CPU, precision, None, engine, cache).forward
-                times[engine] = median_time(lambda r=run, b=x: r(b), repeat, warmup=True)
-            base = times["torch"]
+                if precision in PRECISIONS[engine]:
+                    runs[engine] = Engine(model, CPU, precision, None, engine, cache).forward
+            if inference_format(precision, CPU) != torch.contiguous_format:
+                # the peer: torch eager in its default layout, as plain PyTorch code runs it
+                runs["torch eager"] = model_forward(
+                    copy.deepcopy(model), precision, CPU, torch.contiguous_format
+                )
+            times = {}
+            for _ in range(repeat):  # engines in turn, so that drifts of speed hit all alike
+                for name, run in runs.items():
+                    times.setdefault(name, []).append(
+                        median_time(lambda r=run, b=x: r(b), 1, warmup=name not in times)
+                    )
+            times = {name: statistics.median(t) for name, t in times.items()}
+            ref = times.get("torch eager", times["torch"])
+            peer = "torch eager (default layout)" if "torch eager" in times else "torch"
             for engine, t in sorted(times.items(), key=lambda kv: kv[1]):
-                print(f"{precision} tile {side}->{plan.y.tile_out}: {engine:12s} {t:6.2f} s "
-                      f"= {limit / t * 100:3.0f} % of the tile's limit, {base / t:.2f}x torch",
+                print(f"base {base}, {precision} tile {side}->{plan.y.tile_out}: {engine:12s} "
+                      f"{t:6.2f} s = {limit / t * 100:3.0f} % of the tile's limit, "
+                      f"{ref / t:.2f}x {peer}",
                       flush=True)  # fmt: skip
 
 
@@ -106,13 +118,14 @@ def accuracy(data: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--base", type=int, default=64, help="base channels (shipped models: 32)")
     p.add_argument("--accuracy", action="store_true")
     p.add_argument("--data", type=Path, default=Path(__file__).parents[2] / "shared" / "data")
     args = p.parse_args()
     print(f"# {time.strftime('%F %H:%M')}, {platform.machine()}, {platform.processor() or ''} "
           f"CPU class {cpu_class()}, torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads, engines {', '.join(installed())}")  # fmt: skip
-    speed(args.repeat)
+    speed(args.repeat, args.base)
     if args.accuracy:
         accuracy(args.data)
 

@@ -5,8 +5,10 @@ base 64) with one set of random He weights shared by every row:
   (a) `biounet predict MODEL IMAGE --out DIR`, file to file, all defaults (automatic tile and
       precision), in a child process (its start-up, reading and writing included);
   (b) MONAI `sliding_window_inference` (roi 512, overlap 0.25, gaussian blending, sw_batch_size
-      4 as in MONAI's examples) over the padded variant with the same weights, fp32 and under
-      bf16 autocast with channels-last (the fast path biounet uses, given to the peer too); in
+      4 as in MONAI's examples) over the padded variant with the same weights, fp32 as its
+      examples run it, and at its best: the precision and layout biounet's torch predicts in
+      (bf16 autocast + channels-last with fast bf16, else fp32 + channels-last), given to the
+      peer too; in
       memory (no file reading or writing charged); one run each (minutes long: warm-up is
       noise);
   (c) a plain whole-image fp32 forward of the padded variant as milesial/Pytorch-UNet does,
@@ -48,23 +50,19 @@ import numpy as np
 import tifffile
 import torch
 
-from _common import median_time
+from _common import format_rates, matmul_rates, median_time
 from biounet.architecture import UNetConfig
+from biounet.configs import Tiling
+from biounet.inference import engine_plan
 from biounet.model import UNet
 from biounet.modeldir import ModelInfo, save_model
 from biounet.normalize import NormalizeConfig, normalize
-from biounet.precision import autocast, bytes_per_value, memory_format, resolve_precision
-from biounet.runtimes import choose, installed
-from biounet.tiling import model_forward, plan_tiles
+from biounet.precision import autocast, inference_format, resolve_precision
+from biounet.runtimes import choose, cpu_class, installed
+from biounet.tiling import model_forward
 
 CPU = torch.device("cpu")
 BIOUNET_PREDICT = [sys.executable, "-m", "biounet", "predict"]
-
-
-def matmul_flops(dtype: torch.dtype, n: int = 4096, repeat: int = 5) -> float:
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    return 2 * n**3 / median_time(lambda: torch.mm(a, b), repeat, warmup=True)
 
 
 def flops_per_output_pixel(net: UNetConfig, size: int) -> float:
@@ -91,10 +89,9 @@ def run_child(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     return time.perf_counter() - t, usage.ru_maxrss / 1024
 
 
-def monai_row(model: UNet, x: torch.Tensor, precision: str) -> float:
+def monai_row(model: UNet, x: torch.Tensor, precision: str, fmt: torch.memory_format) -> float:
     from monai.inferers import sliding_window_inference
 
-    fmt = memory_format(precision)
     model = model.to(memory_format=fmt)
     x = x.contiguous(memory_format=fmt)
 
@@ -114,7 +111,6 @@ def forward_only(model: UNet, image: np.ndarray, engine: str, precision: str, ca
     `image` with this engine (one real input window, run once per batch of the plan, after a
     warm-up call that compiles): the time file to file would take with free reading and
     writing and no start-up."""
-    from biounet.configs import Tiling
     from biounet.inference import Engine
     from biounet.mirror import mirror_crop
 
@@ -228,21 +224,19 @@ def main() -> None:
     precision = resolve_precision(args.precision, CPU)
     fast = "fp32" if precision == "fp32" else "bf16"  # the limit that applies to `auto`
     print(
-        f"# {time.strftime('%F %H:%M')}, {platform.machine()}, torch {torch.__version__}, "
+        f"# {time.strftime('%F %H:%M')}, {platform.machine()} (CPU class {cpu_class()}), "
+        f"torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, auto precision = {precision}, "
         f"U-Net depth 4 base {args.base_channels}"
     )
-    peak = {"bf16": matmul_flops(torch.bfloat16), "fp32": matmul_flops(torch.float32)}
-    print(
-        f"matrix product 4096^3: bf16 {peak['bf16'] / 1e12:.2f} TFLOP/s, "
-        f"fp32 {peak['fp32'] / 1e12:.2f} TFLOP/s"
-    )
+    peak = matmul_rates()
+    print(f"matrix product 4096^3: {format_rates(peak)}", flush=True)
     mpix = args.size**2 / 1e6
     work = flops_per_output_pixel(valid, args.size) * args.size**2
     limit = {k: mpix / (work / v) for k, v in peak.items()}  # megapixels/s at the limit
     print(
         f"(d) compute limit, {args.size}^2 ({work / 1e12:.1f} TFLOP, valid network, no "
-        f"tiling overhead): bf16 {limit['bf16']:.3f} MP/s, fp32 {limit['fp32']:.3f} MP/s"
+        f"tiling overhead): " + ", ".join(f"{k} {v:.3f} MP/s" for k, v in sorted(limit.items()))
     )
     results: dict[str, float] = {}
     torch.manual_seed(0)
@@ -253,11 +247,10 @@ def main() -> None:
         if "a" in rows:
             save_model(tmp / "model", model, ModelInfo(valid, ("background", "foreground")))
             tifffile.imwrite(tmp / "image.tif", image)
-            plan = plan_tiles(valid, image.shape, bytes_per_value=bytes_per_value(precision))
             cache = tmp / "cache"  # each runtime converts once, in a warm-up on a small image
             tifffile.imwrite(tmp / "small.tif", image[:300, :300])
             for engine in args.engines.split(","):
-                chosen, prec = choose(engine, args.precision, CPU)
+                chosen, prec = choose(engine, args.precision, CPU, valid)
                 child = [*BIOUNET_PREDICT, str(tmp / "model"), "--device", "cpu",
                          "--engine", engine, "--precision", args.precision]  # fmt: skip
                 env = {"BIOUNET_CACHE": str(cache)}
@@ -274,6 +267,9 @@ def main() -> None:
                     f"peak RSS {rss:.0f} MB",
                     flush=True,
                 )
+                plan = engine_plan(valid, image.shape, Tiling(), prec, chosen)
+                print(f"    tile {plan.tile_shape[0]}->{plan.y.tile_out} px at {prec}, "
+                      f"{plan.count(image.shape)} tiles", flush=True)  # fmt: skip
                 if "f" in rows:
                     start, _ = run_child(
                         [*child, str(tmp / "small.tif"), "--out", str(tmp / "warm")], env
@@ -287,19 +283,23 @@ def main() -> None:
                         f"process (after the imports) {inside:.1f} s = {inside / alone:.3f}",
                         flush=True,
                     )
-            print(f"    auto tile {plan.tile_shape[0]}->{plan.y.tile_out} px at {precision}, "
-                  f"{plan.count(image.shape)} tiles")  # fmt: skip
         x = torch.from_numpy(normalize(image[None], NormalizeConfig()))[None]
         padded = UNet(same)
         padded.load_state_dict(model.state_dict())
         padded.eval()
         if "b" in rows:
-            for prec in ("fp32",) if precision == "fp32" else ("fp32", "bf16"):
-                seconds = monai_row(padded, x, prec)
-                results[f"b_{prec}"] = mpix / seconds
+            # MONAI as its examples run it (fp32, default layout), and at its best on this
+            # CPU: the precision and layout biounet's torch predicts in
+            best = inference_format(precision, CPU)
+            for key, prec, fmt in (("b_fp32", "fp32", torch.contiguous_format),
+                                   ("b_best", precision, best)):  # fmt: skip
+                if key == "b_best" and (prec, fmt) == ("fp32", torch.contiguous_format):
+                    continue
+                seconds = monai_row(padded, x, prec, fmt)
+                results[key] = mpix / seconds
                 print(
-                    f"(b) MONAI sliding window, {prec}: {seconds:.1f} s, "
-                    f"{results[f'b_{prec}']:.3f} MP/s",
+                    f"(b) MONAI sliding window, {prec}, {str(fmt).split('.')[-1]}: "
+                    f"{seconds:.1f} s, {results[key]:.3f} MP/s",
                     flush=True,
                 )
         if "c" in rows:
@@ -315,7 +315,7 @@ def main() -> None:
                 flush=True,
             )
     for a in sorted(k for k in results if k.startswith("a")):
-        for key, label in (("b_fp32", "MONAI fp32"), ("b_bf16", "MONAI bf16"), ("c", "whole"),
+        for key, label in (("b_fp32", "MONAI fp32"), ("b_best", "MONAI's best"), ("c", "whole"),
                            ("a_torch", "torch")):  # fmt: skip
             if key in results and key != a:
                 print(f"    ({a}) / {label}: {results[a] / results[key]:.2f}x")
