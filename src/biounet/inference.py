@@ -94,7 +94,7 @@ class Engine:
     ) -> None:
         self.device = device or default_device()
         self.net: UNetConfig = net or model.config
-        self.runtime, self.precision = choose(engine, precision, self.device, model.config)
+        self.runtime, self.precision = choose(engine, precision, self.device, self.net)
         if self.runtime == "torch":
             fmt = memory_format(self.precision) if training else None
             self.forward = model_forward(model.to(self.device), self.precision, self.device, fmt)
