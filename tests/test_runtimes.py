@@ -111,7 +111,7 @@ def test_auto_engine_weighs_the_width_and_falls_back(cpu, monkeypatch, caplog):
     assert Engine(wide, CPU, "auto", engine="auto").runtime == "nnpack"
 
 
-def test_engines_refuse_what_they_cannot_run(cpu):
+def test_engines_refuse_what_they_cannot_run(cpu, caplog):
     cpu("avx512_bf16", ("torch", "openvino", "onnxruntime"))
     assert rt.choose("onnxruntime", "auto", CPU) == ("onnxruntime", "fp32")
     with pytest.raises(BiounetError, match="onnxruntime runs fp32 on the CPU, not bf16"):
@@ -123,6 +123,7 @@ def test_engines_refuse_what_they_cannot_run(cpu):
     cpu("avx2", ("torch", "openvino"))
     with pytest.raises(BiounetError, match="bf16 only on CPUs with AVX512-BF16 or AMX"):
         rt.choose("openvino", "bf16", CPU)
+    assert not caplog.records  # the error alone, no warning of slow bf16 before it
     with pytest.raises(BiounetError, match=r"pip install 'biounet\[onnxruntime\]'"):
         rt.choose("onnxruntime", "auto", CPU)
     with pytest.raises(BiounetError, match="engine nnpack needs a PyTorch build with NNPACK"):

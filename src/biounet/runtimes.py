@@ -156,7 +156,8 @@ def choose(
         )
     if PRECISIONS[engine] == ("fp32",) and precision == "auto":
         return engine, "fp32"
-    resolved = resolve_precision(precision, device)
+    # bf16 is checked here first: resolving it would also warn of slow bf16 before the error
+    resolved = precision if precision == "bf16" else resolve_precision(precision, device)
     if resolved not in PRECISIONS[engine]:
         raise BiounetError(
             f"engine {engine} runs {' or '.join(PRECISIONS[engine])} on the CPU, not "
