@@ -95,13 +95,14 @@ class Engine:
         self.device = device or default_device()
         self.net: UNetConfig = net or model.config
         self.runtime, self.precision = choose(engine, precision, self.device, self.net)
-        if self.runtime == "torch":
-            fmt = memory_format(self.precision) if training else None
-            self.forward = model_forward(model.to(self.device), self.precision, self.device, fmt)
-        elif self.runtime == "nnpack":
-            self.forward = self._nnpack(model, engine, cache)
-        else:
-            self.forward = runtime_forward(self.runtime, model, self.precision, cache)
+        try:
+            self.forward = self._make_forward(model, cache, training)
+        except BiounetError as e:
+            if engine != "auto" or self.runtime != "nnpack":
+                raise
+            log.warning("%s; predicting with the next engine", e)
+            self.runtime, _ = choose("auto", self.precision, self.device, skip=("nnpack",))
+            self.forward = self._make_forward(model, cache, training)
         if engine != "torch":  # chosen for the user: say what
             log.info("predicting with %s", self.describe())
 
@@ -109,17 +110,13 @@ class Engine:
         """What computes, for logs and files' metadata, e.g. "engine openvino, bf16, cpu"."""
         return f"engine {self.runtime}, {self.precision}, {self.device}"
 
-    def _nnpack(self, model: UNet, engine: str, cache: str | Path | None) -> Forward:
-        """nnpack's forward; where `auto` chose it and it fails its check, the next engine."""
-        try:
-            return winograd_forward(model)
-        except BiounetError as e:
-            if engine != "auto":
-                raise
-            log.warning("%s; predicting with the next engine", e)
-        self.runtime, _ = choose("auto", self.precision, self.device, skip=("nnpack",))
+    def _make_forward(self, model: UNet, cache: str | Path | None, training: bool) -> Forward:
+        """The forward pass of `self.runtime` (nnpack: checked; a failed check raises)."""
         if self.runtime == "torch":
-            return model_forward(model.to(self.device), self.precision, self.device)
+            fmt = memory_format(self.precision) if training else None
+            return model_forward(model.to(self.device), self.precision, self.device, fmt)
+        if self.runtime == "nnpack":
+            return winograd_forward(model)
         return runtime_forward(self.runtime, model, self.precision, cache)
 
     def plan(self, shape: tuple[int, int], tiling: Tiling) -> TilePlan:
