@@ -68,12 +68,24 @@ def test_equals_the_network(fields, shape):
 
 
 @needs_nnpack
-def test_the_network_is_left_as_it_was():
-    net = _net(2, batch_norm=True).train()
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_runs_on_the_engines_network_without_a_copy(monkeypatch, batch_norm):
+    """Like the torch engine, nnpack runs the network it is given (a copy of the paper's
+    network would take 124 MB from the tile's budget): put in eval mode, its values
+    unchanged, its convolution weights used where they are unless batch norm is folded."""
+    net = _net(2, batch_norm=batch_norm).train()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    winograd.winograd_forward(net)
-    assert net.training
+    made = []
+    real = winograd.WinogradUNet
+    monkeypatch.setattr(winograd, "WinogradUNet", lambda n: made.append(real(n)) or made[-1])
+    forward = winograd.winograd_forward(net)
+    assert not net.training
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    shared = made[0].inc[0].weight.data_ptr() == net.inc[0].weight.data_ptr()
+    assert shared != batch_norm
+    x = np.random.default_rng(2).random((1, 1, 92, 92), dtype=np.float32)
+    with torch.inference_mode():
+        _close(forward(x), net(torch.from_numpy(x)).numpy())
 
 
 @needs_nnpack
@@ -118,21 +130,29 @@ def test_nnpack_failures_are_one_line(monkeypatch):
 
 def test_the_budget_leaves_room_for_nnpack(monkeypatch):
     """nnpack's automatic tile is the one whose feature maps fit the budget less what NNPACK
-    holds (the weights and the widest layer's transformed kernels); an explicit tile stays."""
+    holds (the widest layer's transformed kernels, and folded weights); an explicit tile
+    stays."""
     from dataclasses import replace
 
     from biounet.tiling import plan_for
 
     paper = UNetConfig()  # 31 million weights; the widest layer 1024 -> 1024 channels
     held = winograd.overhead_bytes(paper)
-    assert held == 4 * (paper.parameter_count() + 64 * 1024 * 1024)
+    assert held == 4 * 64 * 1024 * 1024  # the weights are the network's own
+    folded = UNetConfig(batch_norm=True)  # folding batch norm makes new weights
+    assert winograd.overhead_bytes(folded) == held + 4 * folded.parameter_count()
     engine = Engine(_net(7), CPU, "fp32", net=paper)
-    tiling = Tiling(memory_mb=1024)
+    tiling = Tiling(memory_mb=1280)
     torch_plan = engine.plan((3072, 3072), tiling)
     engine.runtime = "nnpack"  # the plan is arithmetic: no need to run NNPACK here
     nnpack_plan = engine.plan((3072, 3072), tiling)
-    want = plan_for(paper, (3072, 3072), replace(tiling, memory_mb=1024 - held / 2**20), "fp32")
+    want = plan_for(paper, (3072, 3072), replace(tiling, memory_mb=1280 - held / 2**20), "fp32")
     assert nnpack_plan == want and nnpack_plan.y.tile_in < torch_plan.y.tile_in
+    default = Tiling()  # 1024 MB: the 256 MB held fits beside the torch engine's 700 px tile
+    engine.runtime = "torch"
+    torch_700 = engine.plan((3072, 3072), default)
+    engine.runtime = "nnpack"
+    assert engine.plan((3072, 3072), default) == torch_700 and torch_700.y.tile_in == 700
     fixed = replace(tiling, tile=388)
     assert engine.plan((3072, 3072), fixed) == plan_for(paper, (3072, 3072), fixed, "fp32")
 

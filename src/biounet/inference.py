@@ -50,7 +50,7 @@ def engine_plan(
     net: UNetConfig, shape: tuple[int, int], tiling: Tiling, precision: str, runtime: str
 ) -> TilePlan:
     """`plan_for` as `runtime` runs it: the automatic tile's memory budget leaves room for
-    what the engine holds beyond the feature maps (nnpack: its weights and workspace)."""
+    what the engine holds beyond the torch engine (nnpack: its transformed kernels)."""
     if runtime == "nnpack" and tiling.tile is None:
         held = overhead_bytes(net) / 2**20
         tiling = replace(tiling, memory_mb=max(tiling.memory_mb - held, 1.0))

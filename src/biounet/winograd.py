@@ -132,9 +132,9 @@ class WinogradUNet:
     Parameters
     ----------
     net : UNet
-        A float32 network on the CPU in eval mode (`biounet.export.inference_copy`); the
-        convolutions' weights are taken as they are (shared where no batch norm is folded
-        in), so the network must not change afterwards. Call `available` first.
+        A float32 network on the CPU in eval mode; the convolutions' weights are taken as
+        they are (shared where no batch norm is folded in: no copy), so the network must
+        not change afterwards. Call `available` first.
 
     Examples
     --------
@@ -187,11 +187,13 @@ class WinogradUNet:
 
 
 def overhead_bytes(net: UNetConfig) -> int:
-    """Memory the engine holds beyond the feature maps `biounet.tiling.tile_memory` counts:
-    its float32 copy of the weights and NNPACK's transformed kernels of the widest layer
-    (8 x 8 values per pair of channels), which its workspace keeps between calls."""
+    """Memory the engine holds beyond what the torch engine holds (the network's weights,
+    and the feature maps `biounet.tiling.tile_memory` counts): NNPACK's transformed kernels
+    of the widest layer (8 x 8 values per pair of channels), which its workspace keeps
+    between calls, and with batch norm the folded copy of the weights."""
     widest = net.base_channels * 2**net.depth
-    return 4 * (net.parameter_count() + 64 * widest * widest)
+    folded = net.parameter_count() if net.batch_norm else 0
+    return 4 * (folded + 64 * widest * widest)
 
 
 def _worker() -> ThreadPoolExecutor:
@@ -207,16 +209,20 @@ def winograd_forward(net: UNet) -> Forward:
     """`net` as a numpy batch function ``(B, C, h, w) float32 -> (B, K, h', w') float32``
     (like `biounet.tiling.model_forward`) running `WinogradUNet`, checked against `net`.
 
+    `net` is the engine's own network, as for the torch engine: it is put in eval mode,
+    float32 on the CPU, and its weights are used where they are (a copy of the paper's
+    network would hold another 124 MB, which the automatic tile would have to give up).
+
     Raises
     ------
     BiounetError
         Where this torch has no NNPACK, or its results differ from the network's.
     """
-    from biounet.export import check_exported, inference_copy
+    from biounet.export import check_exported
 
     if not available():
         raise BiounetError(UNAVAILABLE)
-    reference = inference_copy(net)
+    reference = net.to("cpu", torch.float32).eval()
     fast = WinogradUNet(reference)
     # Every call, of every engine, runs in one thread: NNPACK keeps its workspace (~0.5 GB
     # for the paper's network at a 700 px tile) per thread, and the tile loop's new thread
