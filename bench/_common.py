@@ -64,8 +64,10 @@ def use_final_weights(model_dir: Path) -> None:
     save_model(model_dir, model, info)
 
 
-def matmul_rates(n: int = 4096, repeat: int = 5) -> dict[str, float]:
-    """FLOP/s of an n^3 `torch.mm`, by precision: fp32, and bf16 where the CPU has fast bf16.
+def matmul_rates(n: int = 4096, repeat: int = 5, device=None) -> dict[str, float]:
+    """FLOP/s of an n^3 `torch.mm` on `device` (default the CPU), by precision: fp32, and
+    bf16 on a GPU or where the CPU has fast bf16 (fp32 on a GPU: without TF32, as torch
+    computes fp32 by default; n at least 8192 there, so that one product is milliseconds long).
 
     Without AVX512-BF16 or AMX, bf16 products are emulated at ~1 GFLOP/s (an AVX2 AMD EPYC:
     one 4096^3 product took over 2 minutes), so no bf16 limit is measured there: nothing
@@ -75,12 +77,16 @@ def matmul_rates(n: int = 4096, repeat: int = 5) -> dict[str, float]:
 
     from biounet.precision import cpu_has_fast_bf16
 
+    device = torch.device(device or "cpu")
+    gpu = device.type == "cuda"
+    n = max(n, 8192) if gpu else n
     rates = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        if name == "bf16" and not cpu_has_fast_bf16():
+        if name == "bf16" and not (gpu or cpu_has_fast_bf16()):
             continue
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        rates[name] = 2 * n**3 / median_time(lambda a=a, b=b: torch.mm(a, b), repeat, True)
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        rates[name] = 2 * n**3 / median_time(lambda a=a, b=b: torch.mm(a, b), repeat, True, gpu)
     return rates
 
 
@@ -89,14 +95,22 @@ def format_rates(rates: dict[str, float]) -> str:
     return ", ".join(f"{k} {v / 1e12:.2f}" for k, v in sorted(rates.items())) + " TFLOP/s"
 
 
-def median_time(fn, repeat: int, warmup: bool = False) -> float:
-    """Median wall seconds of `repeat` calls of `fn` (after one uncounted call if `warmup`)."""
-    if warmup:
+def median_time(fn, repeat: int, warmup: bool = False, sync: bool = False) -> float:
+    """Median wall seconds of `repeat` calls of `fn` (after one uncounted call if `warmup`);
+    `sync`: each call waits for the GPU's queued work (CUDA runs asynchronously)."""
+    import torch
+
+    def call() -> None:
         fn()
+        if sync:
+            torch.cuda.synchronize()
+
+    if warmup:
+        call()
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
-        fn()
+        call()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 

@@ -25,18 +25,27 @@ tiles/s of `biounet.loop.fit` (elastic augmentation + weight maps on, base 64, 3
 tiles, the training precision) against the training limit, 3 x the forward FLOPs of a
 572 px tile at the bf16 matrix-product rate.
 
+`--device cuda` runs every row on the GPU (rows a, f in children that see it): the limit is
+then the GPU's measured n^3 matrix-product rate (n = 8192), MONAI runs on the same GPU (after
+one warm-up pass, as biounet's rows get one), and training runs there; e.g. the GPU figures
+of the performance issue:
+  bench/throughput.py --device cuda --size 4096 --rows a,f,b,t
+  bench/throughput.py --device cuda --size 16384 --rows a,b --engines auto
+
 Row (a) runs once per engine (`--engines`, default auto and every installed one), each after a
 warm-up on a small image that converts the network into a fresh cache (conversion is once per
 model, not per image). `--precision fp32` gives the rows of a CPU without fast bf16.
 
 Usage:  .venv/bin/python bench/throughput.py [--size 4096] [--whole 2048] [--rows a,f,b,c,s,t]
                                              [--engines auto,torch,...] [--precision fp32]
+                                             [--device cpu|cuda]
 Needs MONAI for (b) (`make bench-deps`).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -76,11 +85,10 @@ def synthetic_image(size: int, seed: int = 0) -> np.ndarray:
     return np.kron(coarse, np.ones((8, 8)))[:size, :size].astype(np.uint8)
 
 
-def run_child(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of a child process."""
+def run_child(cmd: list[str], env: dict | None = None, gpu: bool = False) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of a child process (it sees the GPU only if `gpu`)."""
     t = time.perf_counter()
-    # the CPU figures, also on a GPU machine
-    env = os.environ | {"CUDA_VISIBLE_DEVICES": ""} | (env or {})
+    env = os.environ | ({} if gpu else {"CUDA_VISIBLE_DEVICES": ""}) | (env or {})
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -89,24 +97,34 @@ def run_child(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     return time.perf_counter() - t, usage.ru_maxrss / 1024
 
 
-def monai_row(model: UNet, x: torch.Tensor, precision: str, fmt: torch.memory_format) -> float:
+def monai_row(
+    model: UNet, x: torch.Tensor, precision: str, fmt: torch.memory_format, device: torch.device
+) -> float:
+    """Seconds of MONAI's sliding window over `x` (on `device`: the image's transfer and the
+    result's stay on the device, as MONAI's examples keep them)."""
     from monai.inferers import sliding_window_inference
 
-    model = model.to(memory_format=fmt)
-    x = x.contiguous(memory_format=fmt)
+    model = model.to(device, memory_format=fmt)
+    x = x.to(device).contiguous(memory_format=fmt)
 
     def run() -> None:
-        with torch.inference_mode(), autocast(precision, CPU):
+        with torch.inference_mode(), autocast(precision, device):
             sliding_window_inference(x, (512, 512), 4, model, overlap=0.25, mode="gaussian")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
+    if device.type == "cuda":
+        run()  # cuDNN picks its kernels on the first windows: a warm-up, as for biounet's rows
     t = time.perf_counter()
     run()
     seconds = time.perf_counter() - t
-    model.to(memory_format=torch.contiguous_format)  # as the next rows expect it
+    model.to(CPU, memory_format=torch.contiguous_format)  # as the next rows expect it
     return seconds
 
 
-def forward_only(model: UNet, image: np.ndarray, engine: str, precision: str, cache) -> float:
+def forward_only(
+    model: UNet, image: np.ndarray, engine: str, precision: str, cache, device: torch.device
+) -> float:
     """Seconds of the forward passes alone over the tiles `biounet predict` computes for
     `image` with this engine (one real input window, run once per batch of the plan, after a
     warm-up call that compiles): the time file to file would take with free reading and
@@ -114,7 +132,7 @@ def forward_only(model: UNet, image: np.ndarray, engine: str, precision: str, ca
     from biounet.inference import Engine
     from biounet.mirror import mirror_crop
 
-    run = Engine(model, CPU, precision, engine=engine, cache=cache)
+    run = Engine(copy.deepcopy(model), device, precision, engine=engine, cache=cache)
     tiling = Tiling()
     plan = run.plan(image.shape, tiling)
     window = normalize(mirror_crop(image[None], -plan.y.context, -plan.x.context,
@@ -128,7 +146,7 @@ def forward_only(model: UNet, image: np.ndarray, engine: str, precision: str, ca
     return time.perf_counter() - t
 
 
-def in_process(tmp: Path, engine: str, precision: str, cache: Path) -> float:
+def in_process(tmp: Path, engine: str, precision: str, cache: Path, device: torch.device) -> float:
     """Seconds of `biounet.predict.predict_files` on ``tmp/image.tif`` in this process: file to
     file without the interpreter's start and the imports."""
     from biounet.configs import PredictConfig
@@ -136,11 +154,11 @@ def in_process(tmp: Path, engine: str, precision: str, cache: Path) -> float:
 
     config = PredictConfig(engine=engine, precision=precision, cache=cache)
     t = time.perf_counter()
-    predict_files(tmp / "model", [tmp / "image.tif"], tmp / "inside", config, CPU)
+    predict_files(tmp / "model", [tmp / "image.tif"], tmp / "inside", config, device)
     return time.perf_counter() - t
 
 
-def training_rate(net: UNetConfig, steps: int) -> float:
+def training_rate(net: UNetConfig, steps: int, device: torch.device) -> float:
     """Tiles/s of `fit` after warm-up: (time of 2 + steps) - (time of 2 steps), over steps."""
     from scipy import ndimage
 
@@ -190,7 +208,8 @@ def training_rate(net: UNetConfig, steps: int) -> float:
             with tempfile.TemporaryDirectory() as out:
                 t = time.perf_counter()
                 recorder = DirectoryRecorder(Path(out))
-                fit(UNet(net), info, samples, [], cfg, recorder, augment=AugmentConfig())
+                fit(UNet(net), info, samples, [], cfg, recorder, augment=AugmentConfig(),
+                    device=device)  # fmt: skip
                 times.append(time.perf_counter() - t)
     return steps / (times[1] - times[0])
 
@@ -208,8 +227,15 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=6)
     p.add_argument(
         "--engines",
-        default=",".join(("auto", *installed())),
-        help="engines of row (a), each file to file (default: auto and every installed one)",
+        help="engines of row (a), each file to file (default: auto and every installed one; "
+        "on a GPU auto and torch)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where every row computes (cuda: the limit is the GPU's measured matrix-product "
+        "rate, MONAI runs on the same GPU)",
     )
     p.add_argument(
         "--precision",
@@ -218,18 +244,24 @@ def main() -> None:
         help="fp32: the rows of a CPU without fast bf16 (row a, b fp32, limit fp32)",
     )
     args = p.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no GPU here")
+    gpu = device.type == "cuda"
+    engines = args.engines or ",".join(("auto", "torch") if gpu else ("auto", *installed()))
     rows = set(args.rows.split(","))
     valid = UNetConfig(base_channels=args.base_channels)
     same = UNetConfig(base_channels=args.base_channels, padding="same")
-    precision = resolve_precision(args.precision, CPU)
+    precision = resolve_precision(args.precision, device)
     fast = "fp32" if precision == "fp32" else "bf16"  # the limit that applies to `auto`
+    where = torch.cuda.get_device_name(device) if gpu else f"CPU class {cpu_class()}"
     print(
-        f"# {time.strftime('%F %H:%M')}, {platform.machine()} (CPU class {cpu_class()}), "
+        f"# {time.strftime('%F %H:%M')}, {platform.machine()} ({where}), "
         f"torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, auto precision = {precision}, "
         f"U-Net depth 4 base {args.base_channels}"
     )
-    peak = matmul_rates()
+    peak = matmul_rates(device=device)
     print(f"matrix product 4096^3: {format_rates(peak)}", flush=True)
     mpix = args.size**2 / 1e6
     work = flops_per_output_pixel(valid, args.size) * args.size**2
@@ -249,14 +281,14 @@ def main() -> None:
             tifffile.imwrite(tmp / "image.tif", image)
             cache = tmp / "cache"  # each runtime converts once, in a warm-up on a small image
             tifffile.imwrite(tmp / "small.tif", image[:300, :300])
-            for engine in args.engines.split(","):
-                chosen, prec = choose(engine, args.precision, CPU, valid)
-                child = [*BIOUNET_PREDICT, str(tmp / "model"), "--device", "cpu",
+            for engine in engines.split(","):
+                chosen, prec = choose(engine, args.precision, device, valid)
+                child = [*BIOUNET_PREDICT, str(tmp / "model"), "--device", args.device,
                          "--engine", engine, "--precision", args.precision]  # fmt: skip
                 env = {"BIOUNET_CACHE": str(cache)}
-                run_child([*child, str(tmp / "small.tif"), "--out", str(tmp / "warm")], env)
+                run_child([*child, str(tmp / "small.tif"), "--out", str(tmp / "warm")], env, gpu)
                 seconds, rss = run_child(
-                    [*child, str(tmp / "image.tif"), "--out", str(tmp / "pred")], env
+                    [*child, str(tmp / "image.tif"), "--out", str(tmp / "pred")], env, gpu
                 )
                 key = "a" if engine == "auto" else f"a_{engine}"
                 results[key] = mpix / seconds
@@ -272,10 +304,10 @@ def main() -> None:
                       f"{plan.count(image.shape)} tiles", flush=True)  # fmt: skip
                 if "f" in rows:
                     start, _ = run_child(
-                        [*child, str(tmp / "small.tif"), "--out", str(tmp / "warm")], env
+                        [*child, str(tmp / "small.tif"), "--out", str(tmp / "warm")], env, gpu
                     )
-                    alone = forward_only(model, image, engine, args.precision, cache)
-                    inside = in_process(tmp, engine, args.precision, cache)
+                    alone = forward_only(model, image, engine, args.precision, cache, device)
+                    inside = in_process(tmp, engine, args.precision, cache, device)
                     print(
                         f"    (f) forward only, the same tiles in process: {alone:.1f} s; "
                         f"file to file / forward only = {seconds / alone:.3f}; start-up "
@@ -290,12 +322,12 @@ def main() -> None:
         if "b" in rows:
             # MONAI as its examples run it (fp32, default layout), and at its best on this
             # CPU: the precision and layout biounet's torch predicts in
-            best = inference_format(precision, CPU)
+            best = inference_format(precision, device)
             for key, prec, fmt in (("b_fp32", "fp32", torch.contiguous_format),
                                    ("b_best", precision, best)):  # fmt: skip
                 if key == "b_best" and (prec, fmt) == ("fp32", torch.contiguous_format):
                     continue
-                seconds = monai_row(padded, x, prec, fmt)
+                seconds = monai_row(padded, x, prec, fmt, device)
                 results[key] = mpix / seconds
                 print(
                     f"(b) MONAI sliding window, {prec}, {str(fmt).split('.')[-1]}: "
@@ -303,11 +335,16 @@ def main() -> None:
                     flush=True,
                 )
         if "c" in rows:
-            xw = x[..., : args.whole, : args.whole].contiguous()
+            xw = x[..., : args.whole, : args.whole].to(device).contiguous()
+            padded.to(device)
             with torch.inference_mode():
+                padded(xw[..., :256, :256])  # warm-up (cuDNN's choice of kernels)
                 t = time.perf_counter()
                 padded(xw)
+                if gpu:
+                    torch.cuda.synchronize()
                 seconds = time.perf_counter() - t
+            padded.to(CPU)
             results["c"] = args.whole**2 / 1e6 / seconds
             print(
                 f"(c) whole-image fp32 forward, {args.whole}^2: {seconds:.1f} s, "
@@ -320,7 +357,7 @@ def main() -> None:
             if key in results and key != a:
                 print(f"    ({a}) / {label}: {results[a] / results[key]:.2f}x")
     if "s" in rows:
-        forward = model_forward(model, precision)
+        forward = model_forward(copy.deepcopy(model), precision, device)
         print("tile sweep, forward only, batch 1:")
         for out in (388, 580, 772, 964, 1156):
             size = out + 2 * valid.margin
@@ -332,7 +369,7 @@ def main() -> None:
                 flush=True,
             )
     if "t" in rows:
-        rate = training_rate(valid, args.train_steps)
+        rate = training_rate(valid, args.train_steps, device)
         train_limit = peak[fast] / (3 * valid.forward_flops(572, 572))
         print(
             f"training, 572->388 tiles, augmentation + weight maps: {rate:.3f} tiles/s; "
