@@ -66,8 +66,9 @@ def use_final_weights(model_dir: Path) -> None:
 
 def matmul_rates(n: int = 4096, repeat: int = 5, device=None) -> dict[str, float]:
     """FLOP/s of an n^3 `torch.mm` on `device` (default the CPU), by precision: fp32, and
-    bf16 on a GPU or where the CPU has fast bf16 (fp32 on a GPU: without TF32, as torch
-    computes fp32 by default; n at least 8192 there, so that one product is milliseconds long).
+    bf16 where the CPU has fast bf16. On a GPU (n at least 8192 there, so that one product
+    is milliseconds long): bf16 where supported, fp16, and fp32 with TF32 allowed, as cuDNN
+    runs fp32 convolutions by default.
 
     Without AVX512-BF16 or AMX, bf16 products are emulated at ~1 GFLOP/s (an AVX2 AMD EPYC:
     one 4096^3 product took over 2 minutes), so no bf16 limit is measured there: nothing
@@ -80,13 +81,22 @@ def matmul_rates(n: int = 4096, repeat: int = 5, device=None) -> dict[str, float
     device = torch.device(device or "cpu")
     gpu = device.type == "cuda"
     n = max(n, 8192) if gpu else n
-    rates = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        if name == "bf16" and not (gpu or cpu_has_fast_bf16()):
-            continue
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        rates[name] = 2 * n**3 / median_time(lambda a=a, b=b: torch.mm(a, b), repeat, True, gpu)
+    dtypes = {"fp32": torch.float32}
+    if gpu:
+        dtypes["fp16"] = torch.float16
+    if (gpu and torch.cuda.is_bf16_supported()) or (not gpu and cpu_has_fast_bf16()):
+        dtypes["bf16"] = torch.bfloat16
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = gpu  # no effect on the CPU
+    try:
+        rates = {}
+        for name, dtype in dtypes.items():
+            a = torch.randn(n, n, device=device).to(dtype)
+            b = torch.randn(n, n, device=device).to(dtype)
+            seconds = median_time(lambda a=a, b=b: torch.mm(a, b), repeat, True, gpu)
+            rates[name] = 2 * n**3 / seconds
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     return rates
 
 

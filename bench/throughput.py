@@ -15,7 +15,8 @@ base 64) with one set of random He weights shared by every row:
       at --whole (default 2048 x 2048: 4096 x 4096 does not fit in 24 GB);
   (d) the compute limit: FLOPs of one pass of the valid network over the whole image (no
       tiling overhead: `UNetConfig.forward_flops` per output pixel x pixels) divided by the
-      matrix-product FLOP/s measured in this run (bf16 and fp32 4096^3 torch.mm).
+      matrix-product FLOP/s measured in this run (bf16 and fp32 4096^3 torch.mm; on a GPU
+      see --device below).
   (f) with each (a): the forward passes alone over the same tiles in this process (one real
       input window per call, after a warm-up call that compiles), file to file / forward only,
       the start-up (a whole `biounet predict` run on a 300 x 300 px image), and file to file
@@ -253,7 +254,7 @@ def main() -> None:
     valid = UNetConfig(base_channels=args.base_channels)
     same = UNetConfig(base_channels=args.base_channels, padding="same")
     precision = resolve_precision(args.precision, device)
-    fast = "fp32" if precision == "fp32" else "bf16"  # the limit that applies to `auto`
+    fast = precision  # the limit that applies to `auto`: its precision's product rate
     where = torch.cuda.get_device_name(device) if gpu else f"CPU class {cpu_class()}"
     print(
         f"# {time.strftime('%F %H:%M')}, {platform.machine()} ({where}), "
@@ -262,7 +263,8 @@ def main() -> None:
         f"U-Net depth 4 base {args.base_channels}"
     )
     peak = matmul_rates(device=device)
-    print(f"matrix product 4096^3: {format_rates(peak)}", flush=True)
+    side = 8192 if gpu else 4096
+    print(f"matrix product {side}^3: {format_rates(peak)}", flush=True)
     mpix = args.size**2 / 1e6
     work = flops_per_output_pixel(valid, args.size) * args.size**2
     limit = {k: mpix / (work / v) for k, v in peak.items()}  # megapixels/s at the limit
@@ -338,7 +340,8 @@ def main() -> None:
             xw = x[..., : args.whole, : args.whole].to(device).contiguous()
             padded.to(device)
             with torch.inference_mode():
-                padded(xw[..., :256, :256])  # warm-up (cuDNN's choice of kernels)
+                if gpu:
+                    padded(xw[..., :256, :256])  # warm-up (cuDNN's choice of kernels)
                 t = time.perf_counter()
                 padded(xw)
                 if gpu:

@@ -72,8 +72,9 @@ def test_equals_the_network(fields, shape):
 def test_runs_on_the_engines_network_without_a_copy(monkeypatch, batch_norm):
     """Like the torch engine, nnpack runs the network it is given (a copy of the paper's
     network would take 124 MB from the tile's budget): put in eval mode, its values
-    unchanged, its convolution weights used where they are unless batch norm is folded."""
-    net = _net(2, batch_norm=batch_norm).train()
+    unchanged, its weights used where they are unless batch norm is folded, also when a
+    torch engine left it in channels-last."""
+    net = _net(2, batch_norm=batch_norm).train().to(memory_format=torch.channels_last)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     made = []
     real = winograd.WinogradUNet
@@ -81,8 +82,11 @@ def test_runs_on_the_engines_network_without_a_copy(monkeypatch, batch_norm):
     forward = winograd.winograd_forward(net)
     assert not net.training
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
-    shared = made[0].inc[0].weight.data_ptr() == net.inc[0].weight.data_ptr()
-    assert shared != batch_norm
+    fast = made[0]
+    shared = fast.inc[0].weight.data_ptr() == net.inc[0].weight.data_ptr()
+    assert shared != batch_norm  # channels-last weights came back to the default layout
+    assert fast.ups[0][0].matrix.data_ptr() == net.ups[0].upconv.weight.data_ptr()
+    assert fast.head.data_ptr() == net.head.weight.data_ptr()
     x = np.random.default_rng(2).random((1, 1, 92, 92), dtype=np.float32)
     with torch.inference_mode():
         _close(forward(x), net(torch.from_numpy(x)).numpy())

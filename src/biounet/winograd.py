@@ -85,7 +85,8 @@ class _Conv:
 
 @dataclass(frozen=True)
 class _Up:
-    """A 2x2 up-convolution as the matrix (4 * cout, cin), rows ordered (cout, dy, dx)."""
+    """A 2x2 up-convolution as the matrix (4 * cout, cin), rows ordered (cout, dy, dx): the
+    transposed view of the weight (cin, cout, 2, 2), no copy."""
 
     matrix: torch.Tensor
     bias: torch.Tensor
@@ -152,7 +153,7 @@ class WinogradUNet:
         self.ups = []
         for up in net.ups:
             w = up.upconv.weight.detach().float()  # (cin, cout, 2, 2)
-            matrix = w.permute(1, 2, 3, 0).reshape(-1, w.shape[0]).contiguous()
+            matrix = w.reshape(w.shape[0], -1).t()  # torch.mm takes it transposed as it is
             self.ups.append((_Up(matrix, up.upconv.bias.detach().float()), _double(up.conv, pad)))
         head = net.head.weight.detach().float()
         self.head = head.view(head.shape[0], -1).contiguous()
@@ -210,8 +211,10 @@ def winograd_forward(net: UNet) -> Forward:
     (like `biounet.tiling.model_forward`) running `WinogradUNet`, checked against `net`.
 
     `net` is the engine's own network, as for the torch engine: it is put in eval mode,
-    float32 on the CPU, and its weights are used where they are (a copy of the paper's
-    network would hold another 124 MB, which the automatic tile would have to give up).
+    float32 on the CPU in the default layout (a network that a torch engine put in
+    channels-last, e.g. after training's post-processing fit, comes back), and its weights
+    are used where they are (a copy of the paper's network would hold another 124 MB, which
+    the automatic tile would have to give up).
 
     Raises
     ------
@@ -222,7 +225,7 @@ def winograd_forward(net: UNet) -> Forward:
 
     if not available():
         raise BiounetError(UNAVAILABLE)
-    reference = net.to("cpu", torch.float32).eval()
+    reference = net.to("cpu", torch.float32, memory_format=torch.contiguous_format).eval()
     fast = WinogradUNet(reference)
     # Every call, of every engine, runs in one thread: NNPACK keeps its workspace (~0.5 GB
     # for the paper's network at a 700 px tile) per thread, and the tile loop's new thread
