@@ -325,8 +325,10 @@ def family_table(results: list[dict], title: str) -> str:
 
 
 def _mean_sd(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
-    return f"{statistics.mean(values):.4f} +- {sd:.4f}"
+    """ "mean +- sd", or the one value with "(one fold)": no spread to report yet."""
+    if len(values) < 2:
+        return f"{statistics.mean(values):.4f} (one fold)"
+    return f"{statistics.mean(values):.4f} +- {statistics.stdev(values):.4f}"
 
 
 def table(recipes: list[str]) -> str:
