@@ -22,6 +22,24 @@ def run(cmd: list[str]) -> float:
     return time.perf_counter() - t
 
 
+def network_only(model_dir: str | Path, folder: Path) -> Path:
+    """A copy of `model_dir` in `folder` without the stored TTA and membrane post-processing
+    (its instance post-processing kept: `--output instances` asks for it by name), weights
+    linked, not copied: the throughput and memory benches measure the network's tiles and the
+    streamed argmax, as before models stored their post-processing, so that their figures
+    stay comparable over time. What TTA costs is the arithmetic 8x of the network."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    post = {k: v for k, v in (config.get("postprocess") or {}).items() if k == "instances"}
+    config["postprocess"] = post or None
+    out = folder / f"{Path(model_dir).name}-network-only"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    weights = out / "weights.safetensors"
+    if not weights.exists():
+        weights.symlink_to((Path(model_dir) / "weights.safetensors").resolve())
+    return out
+
+
 def use_final_weights(model_dir: Path) -> None:
     """Replace the validation-selected weights by those of the last step.
 
@@ -149,7 +167,7 @@ def split_bench_args(doc: str, name: str, budget: float, rows: str) -> argparse.
         "--ship",
         type=Path,
         default=Path(f"runs/{name}/model_a"),
-        help=f"where row (a) trains its model (models/{name} to ship it)",
+        help="where row (a) trains its model (shipped models come from bench/release.py)",
     )
     p.add_argument("--budget", type=float, default=budget, help="training minutes per row")
     p.add_argument("--rows", default=rows)

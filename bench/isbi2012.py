@@ -2,7 +2,8 @@
 
 One run, same split, same CPU wall-clock training budget per trained row:
   (a) biounet: the paper's valid U-Net with elastic deformation and the border weight map,
-      trained by `biounet train` (its output is the shipped model, models/isbi2012);
+      trained by `biounet train` (it was the shipped model until bench/release.py
+      trained models/isbi2012 on all 25 slices);
   (b) the padded ("same") variant trained without elastic deformation and weight map;
   (c) MONAI BasicUNet + DiceCELoss + Adam + MONAI's elastic/flip/rotate augmentation;
   (d) a classical baseline: Gaussian-smoothed intensity threshold, fitted on the training slices.

@@ -9,8 +9,12 @@ store them: tiled, zlib-compressed.
 With `--output instances` (use it with models/bbbc039) the texture is nuclei-like disks and
 the child writes instance labels through the block-wise post-processing.
 
+The model runs without its stored TTA and membrane lines (`_common.network_only`): the figures
+measure the network's streamed argmax, comparable with those taken before models stored their
+post-processing; `--stored-postprocess` measures the model as `biounet predict` runs it.
+
 Usage:  .venv/bin/python bench/memory.py [--model models/isbi2012] [--sizes 2048,4096,8192,16384]
-            [--output mask|instances] [--tile N]
+            [--output mask|instances] [--tile N] [--stored-postprocess]
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+
+from _common import network_only
 
 
 def disks(rng: np.random.Generator, tile: int) -> np.ndarray:
@@ -95,6 +101,8 @@ def main() -> None:
     p.add_argument("--precision", default="auto")
     p.add_argument("--output", default="mask", choices=("mask", "instances"))
     p.add_argument("--tile", type=int, help="a fixed output tile (default: automatic per image)")
+    p.add_argument("--stored-postprocess", action="store_true",
+                   help="keep the model's stored TTA and membrane lines")  # fmt: skip
     p.add_argument("--child", nargs=3, metavar=("MODEL", "IMAGE", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -102,10 +110,12 @@ def main() -> None:
         return
     print(
         f"# {time.strftime('%F %H:%M')}, {platform.machine()}, model {args.model}, "
-        f"precision {args.precision}, output {args.output}, tile {args.tile or 'automatic'}"
+        f"precision {args.precision}, output {args.output}, tile {args.tile or 'automatic'}, "
+        f"stored post-processing {'on' if args.stored_postprocess else 'off'}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         env = os.environ | {"BIOUNET_CACHE": str(Path(tmp) / "cache")}  # a cold cache
+        model = args.model if args.stored_postprocess else str(network_only(args.model, Path(tmp)))
 
         def measure(size: int) -> tuple[dict, float]:
             image = Path(tmp) / f"synthetic_{size}.tif"
@@ -113,7 +123,7 @@ def main() -> None:
             done = subprocess.run(
                 [sys.executable, __file__, "--precision", args.precision, "--output",
                  args.output, *(["--tile", str(args.tile)] if args.tile else []),
-                 "--child", args.model, str(image), str(Path(tmp) / "out")],
+                 "--child", model, str(image), str(Path(tmp) / "out")],
                 capture_output=True, text=True, check=True, env=env,
             )  # fmt: skip
             megabytes = image.stat().st_size / 1e6

@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import network_only
 from memory import write_synthetic
 from throughput import run_child
 
@@ -48,9 +49,10 @@ def main() -> None:
         image = Path(tmp) / "image.tif"
         write_synthetic(image, args.size)
         env = {"BIOUNET_CACHE": str(Path(tmp) / "cache")}  # on top of this environment
+        model = str(network_only(args.model, Path(tmp)))  # the network's tiles, no stored TTA
 
         def predict(mode: str) -> tuple[float, float]:
-            argv = ["predict", args.model, str(image), "--out", str(Path(tmp) / mode),
+            argv = ["predict", model, str(image), "--out", str(Path(tmp) / mode),
                     "--stream", "--device", "cpu"]  # fmt: skip
             return run_child([sys.executable, __file__, "--child", mode, *argv], env)
 

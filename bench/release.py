@@ -55,7 +55,8 @@ from crossval import (
 from score_unseen import summarize
 
 MAX_MB = 20  # the release-models issue: shipped weights stay small
-DATASETS = {"isbi2012": "ISBI 2012 EM membranes", "bbbc039": "BBBC039 nuclei"}
+# the README titles `biounet.models()` shows (as the models shipped before releases had them)
+DATASETS = {"isbi2012": "ISBI 2012 EM membranes", "bbbc039": "BBBC039 nuclei, instances"}
 RULES = {
     "isbi2012": "among the membrane post-processings (`crossval.membrane_grid`) whose mean "
     "pixel error over the folds is at most the plain argmax's + 0.001, the lowest mean Rand "
@@ -182,7 +183,7 @@ def model_readme(out: Path, info, results: list[dict], model) -> str:
     else:
         scores.append(family_table(results, recipe))
     return "\n".join([
-        f"# models/{name}: {DATASETS[dataset]}\n",
+        f"# models/{name} — {DATASETS[dataset]}\n",
         f"Written by `bench/release.py {recipe} --out {out}` on "
         f"{time.strftime('%Y-%m-%d')}: bench/crossval.py's recipe `{recipe}` trained on every "
         f"labelled image of ../shared/data/{dataset}, keeping the last step's weights (no image "
@@ -202,7 +203,7 @@ def model_readme(out: Path, info, results: list[dict], model) -> str:
         "\nCommand (recorded in `config.json`; its folders are symlinks to ../shared/data that "
         "bench/release.py makes):\n",
         f"```\n{info.training.get('command', '')}\n```\n",
-        "## Cross-validated scores\n",
+        "## Validation: cross-validated scores\n",
         f"{len(results)} of {K} folds (`bench/crossval.py {recipe}`, results in "
         f"bench/results/cv/{recipe}/): each "
         "fold trained with this recipe on the other folds' images and scored on its own by "

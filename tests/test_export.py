@@ -11,6 +11,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -183,12 +184,32 @@ def test_shipped_model_package_passes_bioimageio_test(name, tmp_path):
         "README.md",
     } <= names
     _passed(bioimageio_test(package, tmp_path))
-    first = json.loads((MODELS / name / "config.json").read_text())["training"]["train_files"][0]
+    config = json.loads((MODELS / name / "config.json").read_text())
+    readme = zipfile.ZipFile(package).read("README.md").decode()
+    # what `biounet predict` adds from the stored post-processing is named, not silently lost
+    post = config.get("postprocess") or {}
+    assert ("## Outside this package" in readme) == any(post.get(k) for k in post)
+    assert ("8 flips" in readme) == bool(post.get("tta"))
+    first = config["training"]["train_files"][0]
     _package_reproduces_predict(package, MODELS / name, SHARED_DATA / name / "images" / first)
 
 
+def test_package_documentation_names_what_predict_adds():
+    from biounet.bioimageio_package import _with_postprocessing
+
+    plain = SimpleNamespace(postprocess=None)
+    assert _with_postprocessing("# m\n", plain) == "# m\n"
+    stored = {"tta": True, "membranes": {"seed_threshold": 0.1}}
+    docs = _with_postprocessing("# m\n", SimpleNamespace(postprocess=stored))
+    assert docs.startswith("# m\n\n## Outside this package\n")
+    assert "8 flips" in docs and '`{"seed_threshold": 0.1}`' in docs and "instances" not in docs
+    off = _with_postprocessing("# m\n", SimpleNamespace(postprocess={"tta": False}))
+    assert off == "# m\n"  # TTA stored as off adds nothing
+
+
 def _package_reproduces_predict(package: Path, model_dir: Path, sample: Path) -> None:
-    """The package's test output is what `Model.predict` gives for its test input.
+    """The package's test output is what `Model.predict` gives for its test input, without
+    the model's stored TTA (the package holds the network alone).
 
     A depth-d valid U-Net is shift-equivariant in steps of 2**d only, and `Model.predict`
     anchors its tiles 92 px before the image it is given, the package's network at its test
@@ -207,7 +228,8 @@ def _package_reproduces_predict(package: Path, model_dir: Path, sample: Path) ->
     top, left = ((n - side) // 2 for n in image.shape)
     assert np.array_equal(image[top : top + side, left : left + side], test_in[0, 0])
     image = np.pad(image, 4, mode="reflect")  # room for the 4 px before a crop at the edge
-    probs = model.predict(image[top : top + side + 4, left : left + side + 4], output="prob")
+    crop = image[top : top + side + 4, left : left + side + 4]
+    probs = model.predict(crop, output="prob", tta=False)
     probs = probs[:, 4 + m : 4 + side - m, 4 + m : 4 + side - m]
     assert test_out.shape == (1, len(model.classes), side - 2 * m, side - 2 * m)
     assert np.abs(probs - test_out[0]).max() < 5e-3

@@ -248,7 +248,8 @@ def test_a_release_readme_states_the_recipe_the_choice_and_the_folds():
     text = model_readme(
         Path("models/bbbc039"), info, [fold(0, 0.70, 0.72), fold(1, 0.80, 0.81)], UNet(net)
     )
-    assert text.startswith("# models/bbbc039: BBBC039 nuclei\n")
+    assert text.startswith("# models/bbbc039 — BBBC039 nuclei, instances\n")
+    assert "\n## Validation: cross-validated scores\n" in text  # bioimage.io's section
     assert "| classes | 0 = background, 1 = nucleus |" in text
     assert "| data | 2 images: a.tif, b.tif |" in text
     assert "| training | 1870 steps, precision bf16, 25 min on cpu X, 2 cores |" in text
@@ -257,3 +258,31 @@ def test_a_release_readme_states_the_recipe_the_choice_and_the_folds():
     assert "```\nbiounet train --steps 1870\n```" in text
     assert "2 of 5 folds" in text and "| mean of 2 | 0.9000 +- 0.0000 | 0.7500 +- 0.0707 |" in text
     assert text.rstrip().endswith("| 0.0150 +- 0.0071 |")  # the family table's paired change
+
+
+def test_network_only_drops_stored_tta_and_lines_but_keeps_instances(tmp_path):
+    """The memory and overlap benches measure the network's tiles: their copy of a model
+    predicts as the model would without its stored TTA and membrane lines."""
+    import json
+
+    import biounet
+    from _common import network_only
+    from biounet.cli import main
+
+    model = tmp_path / "m"
+    assert main(["-q", "init", str(model), "--depth", "2", "--base-channels", "4"]) == 0
+    config = json.loads((model / "config.json").read_text())
+    config["postprocess"] = {"tta": True, "membranes": {"seed_threshold": 0.2},
+                             "instances": {"seed_threshold": 0.7}}  # fmt: skip
+    (model / "config.json").write_text(json.dumps(config))
+    copy = network_only(model, tmp_path / "work")
+    assert json.loads((copy / "config.json").read_text())["postprocess"] == {
+        "instances": {"seed_threshold": 0.7}
+    }
+    assert (copy / "weights.safetensors").resolve() == (model / "weights.safetensors").resolve()
+    image = np.random.default_rng(0).integers(0, 255, (60, 70)).astype(np.uint8)
+    plain = biounet.load(model, engine="torch", precision="fp32")
+    net = biounet.load(copy, engine="torch", precision="fp32")
+    np.testing.assert_array_equal(
+        net.predict(image, "prob"), plain.predict(image, "prob", tta=False)
+    )

@@ -20,6 +20,7 @@ The package is described with ``bioimageio.spec``'s own classes and zipped by it
 from __future__ import annotations
 
 import gc
+import json
 import keyword
 import logging
 import re
@@ -159,7 +160,7 @@ def describe(
     from bioimageio.spec.model import v0_5 as bio
 
     test_in, test_out = test_tensors(net, info, sample)
-    docs = _with_validation(readme or _summary(info, name), info)
+    docs = _with_postprocessing(_with_validation(readme or _summary(info, name), info), info)
     files = _write_files(net, info, test_in, test_out, work, docs)
     config = info.net
     weights = bio.WeightsDescr(
@@ -376,6 +377,34 @@ def _with_validation(readme: str, info: ModelInfo) -> str:
         "",
     ]
     return readme.rstrip("\n") + "\n" + "\n".join(lines)
+
+
+def _with_postprocessing(readme: str, info: ModelInfo) -> str:
+    """The documentation with what `biounet predict` adds to the network from the model's
+    stored ``postprocess``, which runtimes of this package (deepImageJ, ilastik, QuPath) do not
+    do: they run the network and its softmax alone."""
+    post = info.postprocess or {}
+    steps = []
+    if post.get("tta"):
+        steps.append("averages the probabilities of the image's 8 flips and 90-degree rotations")
+    if post.get("membranes"):
+        steps.append(
+            "draws membrane masks as the argmax plus one-pixel watershed lines that close the "
+            "gaps between cells (`biounet.membranes`, settings "
+            f"`{json.dumps(post['membranes'], sort_keys=True)}`)"
+        )
+    if post.get("instances"):
+        steps.append(
+            "labels instances (`--output instances`) with "
+            f"`{json.dumps(post['instances'], sort_keys=True)}`"
+        )
+    if not steps:
+        return readme
+    note = (
+        f"`biounet predict` on the model folder also {'; '.join(steps)}. This package holds "
+        "the network and its softmax alone, as bioimage.io runtimes run it."
+    )
+    return readme.rstrip("\n") + "\n\n## Outside this package\n\n" + note + "\n"
 
 
 def _class_tags(info: ModelInfo) -> list[str]:
