@@ -25,9 +25,9 @@ def run(cmd: list[str]) -> float:
 def network_only(model_dir: str | Path, folder: Path) -> Path:
     """A copy of `model_dir` in `folder` without the stored TTA and membrane post-processing
     (its instance post-processing kept: `--output instances` asks for it by name), weights
-    linked, not copied: the throughput and memory benches measure the network's tiles and the
-    streamed argmax, as before models stored their post-processing, so that their figures
-    stay comparable over time. What TTA costs is the arithmetic 8x of the network."""
+    linked, not copied: bench/memory.py and bench/overlap.py measure the network's tiles and
+    the streamed argmax, as before models stored their post-processing, so that their figures
+    stay comparable over time. What TTA adds is 8x the network's passes."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     post = {k: v for k, v in (config.get("postprocess") or {}).items() if k == "instances"}
     config["postprocess"] = post or None
